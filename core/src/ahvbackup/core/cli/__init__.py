@@ -1,0 +1,120 @@
+"""The `ahvbackup` command.
+
+Every subcommand takes `--json` (through the group) for machine use. Errors are turned into
+one line on stderr and an exit code here, at the boundary, and nowhere deeper.
+Exit codes: see `ahvbackup.core.errors.ExitCode` and docs/cli.md.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Context", "cli", "emit", "main", "pass_context"]
+
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+
+from .. import __version__
+from ..errors import AhvBackupError, ExitCode
+from ..plugins import Hooks, installed_plugins
+
+
+@dataclass
+class Context:
+    """What every subcommand gets: output mode, verbosity and the hook facade."""
+
+    json: bool = False
+    verbose: int | None = None
+    hooks: Hooks = field(default_factory=Hooks)
+
+
+pass_context = click.make_pass_decorator(Context)
+
+
+def emit(ctx: Context, data: Any, human: Callable[[Any], str] | None = None) -> None:
+    """Print `data` as JSON under --json, else as the human rendering."""
+    if ctx.json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+    else:
+        click.echo(human(data) if human else str(data))
+
+
+class _Group(click.Group):
+    """Adds commands contributed by hook plugins, and turns our errors into exit codes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._plugins_added = False
+
+    def _add_plugin_commands(self) -> None:
+        if self._plugins_added:
+            return
+        self._plugins_added = True
+        try:
+            hooks = Hooks()
+        except AhvBackupError as err:
+            click.echo(f"warning: {err}", err=True)
+            return
+        for cmd in hooks.cli_commands():
+            if cmd.name not in self.commands:
+                self.add_command(cmd)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        self._add_plugin_commands()
+        return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AhvBackupError as err:
+            click.echo(f"ahvbackup: error: {err}", err=True)
+            ctx.exit(int(err.exit_code))
+        except KeyboardInterrupt:
+            click.echo("ahvbackup: interrupted", err=True)
+            ctx.exit(int(ExitCode.INTERRUPTED))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable JSON output.")
+@click.option(
+    "-v", "--verbose", count=True,
+    help="More detail on stderr (repeat up to 3 times); overrides the verbose= key.",
+)
+@click.version_option(__version__, prog_name="ahvbackup")
+@click.pass_context
+def cli(ctx: click.Context, as_json: bool, verbose: int) -> None:
+    """Agentless backup and disaster recovery for Nutanix AHV virtual machines."""
+    ctx.obj = Context(json=as_json, verbose=verbose or None)
+
+
+@cli.command()
+@pass_context
+def plugins(ctx: Context) -> None:
+    """List every installed driver and hook plugin with its distribution and version."""
+    rows = [p.__dict__ for p in installed_plugins()]
+
+    def human(rows: list[dict[str, str]]) -> str:
+        if not rows:
+            return "no plugins installed"
+        lines = [f"{'GROUP':<22} {'NAME':<12} {'DISTRIBUTION':<22} {'VERSION':<9} TARGET"]
+        lines += [
+            f"{r['group']:<22} {r['name']:<12} {r['distribution']:<22} {r['version']:<9} "
+            f"{r['target']}"
+            for r in rows
+        ]
+        return "\n".join(lines)
+
+    emit(ctx, rows, human)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    cli.main(args=argv, prog_name="ahvbackup", standalone_mode=True)
+    sys.exit(0)

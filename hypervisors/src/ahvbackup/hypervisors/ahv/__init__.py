@@ -1,0 +1,1 @@
+"""Nutanix AHV: the Prism client, the snapshot/CRT/VG lifecycle, and the Prism simulator."""
