@@ -1,7 +1,8 @@
 """Every lifecycle hook, declared and documented in one place.
 
 Hooks are synchronous and cheap: they observe, they do not do the work (async work lives in
-driver methods; pluggy cannot await on trio). They are always called with keyword arguments,
+driver methods; pluggy cannot await on trio). They are always called with keyword arguments (pluggy matches by name;
+keyword-only parameters would be invisible to it),
 through `ahvbackup.core.plugins.Hooks`, never through `pm.hook` directly. A plugin implements
 any subset with `@ahvbackup.core.hookimpl` and registers under the `ahvbackup.hooks`
 entry-point group.
@@ -35,54 +36,54 @@ def ahvbackup_config_fields() -> dict[str, Any]:
 
 
 @hookspec
-def ahvbackup_job_started(*, job_id: str, mode: str, level: str) -> None:
+def ahvbackup_job_started(job_id: str, mode: str, level: str) -> None:
     """A job began. `mode` is the configuration's mode; `level` full/incremental/differential."""
 
 
 @hookspec
-def ahvbackup_job_finished(*, job_id: str, ok: bool, failed: list[str], seconds: float) -> None:
+def ahvbackup_job_finished(job_id: str, ok: bool, failed: list[str], seconds: float) -> None:
     """A job ended. `failed` names each failed VM (and disk, as ``vm/disk-N``)."""
 
 
 @hookspec
-def ahvbackup_vm_started(*, job_id: str, vm_uuid: str, vm_name: str) -> None:
+def ahvbackup_vm_started(job_id: str, vm_uuid: str, vm_name: str) -> None:
     """Work on one VM began."""
 
 
 @hookspec
 def ahvbackup_vm_finished(
-    *, job_id: str, vm_uuid: str, vm_name: str, ok: bool, bytes_stored: int, error: str | None
+    job_id: str, vm_uuid: str, vm_name: str, ok: bool, bytes_stored: int, error: str | None
 ) -> None:
     """Work on one VM ended; `error` is the one-line reason when `ok` is false."""
 
 
 @hookspec
-def ahvbackup_disk_started(*, job_id: str, vm_name: str, disk: str, size: int) -> None:
+def ahvbackup_disk_started(job_id: str, vm_name: str, disk: str, size: int) -> None:
     """Reading (or restoring) one disk began."""
 
 
 @hookspec
 def ahvbackup_disk_finished(
-    *, job_id: str, vm_name: str, disk: str, ok: bool, bytes_read: int, bytes_stored: int
+    job_id: str, vm_name: str, disk: str, ok: bool, bytes_read: int, bytes_stored: int
 ) -> None:
     """Reading (or restoring) one disk ended."""
 
 
 @hookspec
-def ahvbackup_snapshot_created(*, job_id: str, vm_uuid: str, snapshot_id: str, consistency: str) -> None:
+def ahvbackup_snapshot_created(job_id: str, vm_uuid: str, snapshot_id: str, consistency: str) -> None:
     """A snapshot or recovery point exists on the cluster; `consistency` crash or application."""
 
 
 @hookspec
-def ahvbackup_resource_created(*, kind: str, resource_id: str, owner: str) -> None:
+def ahvbackup_resource_created(kind: str, resource_id: str, owner: str) -> None:
     """A remote resource (snapshot, image, volume group, session) was recorded in the ledger."""
 
 
 @hookspec
-def ahvbackup_resource_released(*, kind: str, resource_id: str, owner: str, ok: bool) -> None:
+def ahvbackup_resource_released(kind: str, resource_id: str, owner: str, ok: bool) -> None:
     """A recorded remote resource was released (`ok` false: the release failed and stays owed)."""
 
 
 @hookspec
-def ahvbackup_metric(*, name: str, value: float, labels: dict[str, str]) -> None:
+def ahvbackup_metric(name: str, value: float, labels: dict[str, str]) -> None:
     """A measurement (bytes, seconds, counts) for exporters such as Prometheus."""

@@ -54,11 +54,12 @@ class _Group(click.Group):
             return
         self._plugins_added = True
         try:
-            hooks = Hooks()
-        except AhvBackupError as err:
-            click.echo(f"warning: {err}", err=True)
+            commands = Hooks().cli_commands()
+        except (AhvBackupError, ImportError) as err:
+            # a broken plugin must not take the whole command down with it
+            click.echo(f"ahvbackup: warning: a plugin's commands are unavailable: {err}", err=True)
             return
-        for cmd in hooks.cli_commands():
+        for cmd in commands:
             if cmd.name not in self.commands:
                 self.add_command(cmd)
 

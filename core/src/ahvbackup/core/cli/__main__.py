@@ -1,0 +1,3 @@
+from ahvbackup.core.cli import main
+
+main()
