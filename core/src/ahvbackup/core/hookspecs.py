@@ -1,9 +1,9 @@
 """Every lifecycle hook, declared and documented in one place.
 
 Hooks are synchronous and cheap: they observe, they do not do the work (async work lives in
-driver methods; pluggy cannot await on trio). They are always called with keyword arguments (pluggy matches by name;
-keyword-only parameters would be invisible to it),
-through `ahvbackup.core.plugins.Hooks`, never through `pm.hook` directly. A plugin implements
+driver methods; pluggy cannot await on trio). They are always called with keyword arguments,
+through `ahvbackup.core.plugins.Hooks`, never through `pm.hook` directly (pluggy matches
+arguments by name, and cannot see keyword-only parameters, so specs use plain ones). A plugin implements
 any subset with `@ahvbackup.core.hookimpl` and registers under the `ahvbackup.hooks`
 entry-point group.
 """
