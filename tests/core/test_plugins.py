@@ -6,6 +6,7 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,13 +36,20 @@ def test_unknown_driver_names_key_value_and_choices() -> None:
 
 
 def test_driver_contract_check_names_the_broken_rule() -> None:
+    class Incomplete(RestoreTarget):
+        name = "half"
+
+    with pytest.raises(AssertionError, match="abstract methods unimplemented: open_disk"):
+        check_driver_class(Incomplete, kind="target")
+
     class Nameless(RestoreTarget):
-        pass
+        def open_disk(self, **kw: object) -> Any:
+            raise NotImplementedError
 
     with pytest.raises(AssertionError, match="non-empty `name`"):
         check_driver_class(Nameless, kind="target")
 
-    class Misnamed(RestoreTarget):
+    class Misnamed(Nameless):
         name = "raw2"
 
     with pytest.raises(AssertionError, match="registered as 'raw'"):

@@ -2,28 +2,40 @@
 
 stevedore picks one driver class per kind by the name the configuration gives (see
 `ahvbackup.core.plugins`). Each driver class declares its `name` (the entry-point name) and,
-when it adds configuration keys of its own, a marshmallow `config_schema`.
+when it adds configuration keys of its own, a marshmallow `config_schema`. A driver is
+constructed with the job's `Config` (``cls(config)``).
 
-The async methods that move data are defined by the job pipeline; the contracts here are the
-ones every driver shares, so the conformance checks in `ahvbackup.core.testing` can hold
-third-party drivers to them.
+`ahvbackup.core.testing` holds every driver, ours and third parties', to these contracts.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "BackupWriter",
     "DataPath",
-    "Driver",
+    "DiskReader",
+    "DiskWriter",
     "DrTransport",
+    "Driver",
+    "HttpSource",
     "Hypervisor",
+    "HypervisorSession",
     "RestoreTarget",
     "Sink",
+    "StoredBackup",
 ]
 
 import abc
-from typing import ClassVar
+from collections.abc import AsyncIterator, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, ClassVar
 
 import marshmallow
+
+from .ledger import Record, ReleaseStack
+from .model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
 
 
 class Driver(abc.ABC):
@@ -36,11 +48,82 @@ class Driver(abc.ABC):
     #: one line for `ahvbackup plugins`
     summary: ClassVar[str] = ""
 
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+# Hypervisor ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpSource:
+    """A disk made readable over HTTP ranges (AHV: an image materialised from a snapshot)."""
+
+    url: str
+    size: int
+    client: Any = field(repr=False)  # an httpx.AsyncClient with auth and TLS already set up
+
+
+class HypervisorSession(abc.ABC):
+    """One authenticated conversation with the management plane, for the length of a job.
+
+    Every method that creates a remote resource records it through the given `ReleaseStack`
+    before relying on it, so it is released when the job ends however it ends.
+    """
+
+    @abc.abstractmethod
+    async def discover(self) -> str:
+        """Probe the endpoints; return the one-line discovery summary for the job log."""
+
+    @abc.abstractmethod
+    async def list_vms(self) -> list[VmInfo]:
+        """Every VM the configured cluster(s) hold, with disks and configuration."""
+
+    @abc.abstractmethod
+    async def snapshot_vm(
+        self, vm: VmInfo, *, application_consistent: bool, name: str, stack: ReleaseStack
+    ) -> VmSnapshot:
+        """Take a snapshot of every disk of `vm` at one point in time."""
+
+    @abc.abstractmethod
+    def regions(
+        self, disk: DiskSnapshot, *, reference: str | None = None
+    ) -> AsyncIterator[Region]:
+        """Regions to read: the allocation map (no reference) or the changes since `reference`."""
+
+    @abc.abstractmethod
+    async def stage_http(self, disk: DiskSnapshot, *, stack: ReleaseStack) -> HttpSource:
+        """Make a snapshot disk readable over HTTP ranges (REST data path)."""
+
+    @abc.abstractmethod
+    async def release(self, record: Record) -> None:
+        """Release one recorded resource; an already-gone resource counts as released."""
+
 
 class Hypervisor(Driver):
     """Talks to a hypervisor's management plane (for AHV: Prism)."""
 
     kind: ClassVar[str] = "hypervisor"
+
+    @abc.abstractmethod
+    def connect(self) -> AbstractAsyncContextManager[HypervisorSession]:
+        """``async with driver.connect() as session:``"""
+
+
+# Data path -------------------------------------------------------------------------------------
+
+
+class DiskReader(abc.ABC):
+    """Random-access reads of one snapshot disk."""
+
+    size: int
+
+    @abc.abstractmethod
+    async def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill `buf` with the bytes at `offset`; anything short of that is an error."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release transport state (connections, sessions)."""
 
 
 class DataPath(Driver):
@@ -48,17 +131,86 @@ class DataPath(Driver):
 
     kind: ClassVar[str] = "datapath"
 
+    @abc.abstractmethod
+    async def open(
+        self, session: HypervisorSession, disk: DiskSnapshot, *, stack: ReleaseStack
+    ) -> DiskReader:
+        """Expose `disk` through this path and return a reader; staged resources go on `stack`."""
+
+
+# Sink ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredBackup:
+    """One complete backup of one VM as a sink lists it."""
+
+    backup_id: str
+    vm_uuid: str
+    vm_name: str
+    level: str
+    created: float
+    disks: tuple[str, ...]  # disk labels with a stream
+    bytes_stored: int
+    manifest: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+
+
+class BackupWriter(abc.ABC):
+    """Receives one VM's backup: a stream per disk, then the manifest. Nothing is visible as a
+    complete backup until `commit`; `abort` (or an exception) leaves nothing that looks complete."""
+
+    @abc.abstractmethod
+    async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
+        """Store one disk stream; returns the bytes stored."""
+
+    @abc.abstractmethod
+    async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup: ...
+
+    @abc.abstractmethod
+    async def abort(self) -> None: ...
+
 
 class Sink(Driver):
     """Stores disk streams and manifests (the directory repository, Bacula)."""
 
     kind: ClassVar[str] = "sink"
 
+    @abc.abstractmethod
+    async def begin(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter: ...
+
+    @abc.abstractmethod
+    async def backups(self, vm: str | None = None) -> list[StoredBackup]:
+        """Complete backups, oldest first; `vm` filters by VM name or UUID."""
+
+    @abc.abstractmethod
+    def open_stream(self, backup: StoredBackup, label: str) -> BinaryIO:
+        """A binary file object reading one disk stream from its start."""
+
+
+# Restore target --------------------------------------------------------------------------------
+
+
+class DiskWriter(abc.ABC):
+    """Random-access writes into one restored disk."""
+
+    @abc.abstractmethod
+    def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
+
+    @abc.abstractmethod
+    def zero(self, offset: int, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def close(self) -> Path | str:
+        """Finish the disk; returns where it is (a path, or a cluster object id)."""
+
 
 class RestoreTarget(Driver):
-    """Receives a reconstructed disk (raw file, qcow2, vmdk, vhdx, vhd, an AHV cluster)."""
+    """Receives reconstructed disks (raw file, qcow2, vmdk, vhdx, vhd, an AHV cluster)."""
 
     kind: ClassVar[str] = "target"
+
+    @abc.abstractmethod
+    def open_disk(self, *, vm_name: str, disk: DiskInfo, size: int, dest: Path) -> DiskWriter: ...
 
 
 class DrTransport(Driver):

@@ -1,0 +1,148 @@
+"""The cleanup ledger: every remote resource is written down before it is relied on.
+
+A job records a snapshot, image, volume group or session here *before* creating it (with an id it
+chose itself, or the name it will carry), releases everything in reverse order when it ends, on
+success, error or cancellation alike, and deletes each record once the release succeeded. What a
+killed process left behind is still on disk, and the next start sweeps it
+(`job_cleanup_on_abort=yes`). One file per record keeps concurrent jobs out of each other's way.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Ledger", "Record", "ReleaseStack"]
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .fsutil import atomic_write_json, fsync_dir
+
+log = logging.getLogger("ahvbackup.ledger")
+
+#: how long a release may take once the job is being cancelled (shielded from the cancellation)
+RELEASE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class Record:
+    kind: str  # "snapshot" | "image" | "volume_group" | "iscsi_attachment" | ...
+    resource_id: str
+    owner: str  # the job id
+    pid: int
+    scope: dict[str, Any] = field(default_factory=dict)  # e.g. cluster uuid, VM name
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: float = field(default_factory=time.time)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{k}={v}" for k, v in sorted(self.scope.items()))
+        return f"{self.kind} {self.resource_id}" + (f" ({where})" if where else "")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a reused pid that is not one of ours does not own the record
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return True
+    return b"ahvbackup" in cmdline or b"pytest" in cmdline
+
+
+class Ledger:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = state_dir / "ledger"
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def record(self, kind: str, resource_id: str, *, owner: str, **scope: Any) -> Record:
+        rec = Record(kind=kind, resource_id=resource_id, owner=owner, pid=os.getpid(), scope=scope)
+        atomic_write_json(self.dir / f"{rec.id}.json", asdict(rec))
+        log.debug("ledger: recorded %s", rec.describe())
+        return rec
+
+    def forget(self, rec: Record) -> None:
+        (self.dir / f"{rec.id}.json").unlink(missing_ok=True)
+        fsync_dir(self.dir)
+
+    def records(self) -> list[Record]:
+        out = []
+        for path in sorted(self.dir.glob("*.json")):
+            try:
+                out.append(Record(**json.loads(path.read_text())))
+            except (OSError, ValueError, TypeError) as err:
+                log.warning("ledger: unreadable record %s skipped (%s)", path.name, err)
+        return sorted(out, key=lambda r: r.created)
+
+    def orphans(self) -> list[Record]:
+        """Records whose owning process is gone: what a killed job left behind."""
+        return [r for r in self.records() if not _pid_alive(r.pid)]
+
+
+Releaser = Callable[[Record], Awaitable[None]]
+
+
+class ReleaseStack:
+    """Holds what one job (or VM) recorded; `aclose` releases it all in reverse order.
+
+    Releases run shielded from cancellation, with a timeout each, so a cancelled job still cleans
+    up. A failed release is logged and its record kept, so the next sweep retries it.
+    """
+
+    def __init__(self, ledger: Ledger, *, owner: str, releaser: Releaser) -> None:
+        self.ledger = ledger
+        self.owner = owner
+        self.releaser = releaser
+        self._held: list[Record] = []
+
+    def record(self, kind: str, resource_id: str, **scope: Any) -> Record:
+        rec = self.ledger.record(kind, resource_id, owner=self.owner, **scope)
+        self._held.append(rec)
+        return rec
+
+    async def release(self, rec: Record) -> bool:
+        """Release one record now (for resources whose life ends before the job's)."""
+        self._held.remove(rec)
+        return await release_record(self.ledger, rec, self.releaser)
+
+    async def aclose(self) -> list[Record]:
+        """Release everything held, newest first; returns the records that could not be released."""
+        failed = []
+        while self._held:
+            rec = self._held.pop()
+            if not await release_record(self.ledger, rec, self.releaser):
+                failed.append(rec)
+        return failed
+
+    async def __aenter__(self) -> ReleaseStack:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def release_record(ledger: Ledger, rec: Record, releaser: Releaser) -> bool:
+    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT) as scope:
+        try:
+            await releaser(rec)
+        except Exception as err:  # noqa: BLE001 - any failure keeps the record for the next sweep
+            log.warning("could not release %s: %s (kept for the next sweep)", rec.describe(), err)
+            return False
+        ledger.forget(rec)
+        log.debug("released %s", rec.describe())
+        return True
+    if scope.cancelled_caught:
+        log.warning("releasing %s timed out (kept for the next sweep)", rec.describe())
+    return False
