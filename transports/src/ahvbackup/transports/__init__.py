@@ -1,0 +1,1 @@
+"""Data paths (rest, iscsi) and DR channels (psk, mtls)."""
