@@ -59,15 +59,20 @@ async def _start(
     send: trio.MemorySendChannel[Chunk],
 ) -> None:
     async with send:
-        async for region in regions:
-            for piece in split(region, chunk_size):
-                if piece.zero:
-                    chunk = Chunk(piece.offset, piece.length)
-                    chunk.done.set()
-                else:
-                    chunk = Chunk(piece.offset, piece.length, bytearray(piece.length))
-                    nursery.start_soon(_read, reader, chunk)
-                await send.send(chunk)
+        try:
+            async for region in regions:
+                for piece in split(region, chunk_size):
+                    if piece.zero:
+                        chunk = Chunk(piece.offset, piece.length)
+                        chunk.done.set()
+                    else:
+                        chunk = Chunk(piece.offset, piece.length, bytearray(piece.length))
+                        nursery.start_soon(_read, reader, chunk)
+                    await send.send(chunk)
+        except AhvBackupError as err:  # the region map failed: hand the error on in order
+            failed = Chunk(-1, 0, error=err)
+            failed.done.set()
+            await send.send(failed)
 
 
 async def read_chunks(
@@ -78,13 +83,19 @@ async def read_chunks(
     inflight: int,
     out: trio.MemorySendChannel[Chunk],
 ) -> None:
-    """Send every chunk, read, to `out` in disk order; raise the first read error."""
-    async with out, trio.open_nursery() as nursery:
-        send, recv = trio.open_memory_channel[Chunk](max(0, inflight - 1))
-        nursery.start_soon(_start, reader, regions, chunk_size, nursery, send)
-        async with recv:
-            async for chunk in recv:
-                await chunk.done.wait()
-                if chunk.error is not None:
-                    raise chunk.error
-                await out.send(chunk)
+    """Send every chunk, read, to `out` in disk order; raise the first error (unwrapped)."""
+    error: BaseException | None = None
+    async with out:
+        async with trio.open_nursery() as nursery:
+            send, recv = trio.open_memory_channel[Chunk](max(0, inflight - 1))
+            nursery.start_soon(_start, reader, regions, chunk_size, nursery, send)
+            async with recv:
+                async for chunk in recv:
+                    await chunk.done.wait()
+                    if chunk.error is not None:
+                        error = chunk.error
+                        nursery.cancel_scope.cancel()
+                        break
+                    await out.send(chunk)
+    if error is not None:
+        raise error
