@@ -99,6 +99,10 @@ class HypervisorSession(abc.ABC):
     async def release(self, record: Record) -> None:
         """Release one recorded resource; an already-gone resource counts as released."""
 
+    async def iscsi_portal(self) -> tuple[str, int] | None:
+        """The iSCSI portal (data services address, port) if the platform offers one."""
+        return None
+
 
 class Hypervisor(Driver):
     """Talks to a hypervisor's management plane (for AHV: Prism)."""

@@ -23,6 +23,7 @@ __all__ = [
     "StreamFormatError",
     "TargetError",
     "TransportError",
+    "our_errors",
 ]
 
 import enum
@@ -110,3 +111,19 @@ class StreamFormatError(AhvBackupError):
 
 class JobError(AhvBackupError):
     """A job finished with failed VMs or disks; the message lists them."""
+
+
+def our_errors(exc: BaseException) -> list[AhvBackupError] | None:
+    """The AhvBackupErrors inside `exc` (itself or nested exception groups from nurseries), or
+    None when anything else is in there (a bug, a cancellation) that must propagate."""
+    if isinstance(exc, AhvBackupError):
+        return [exc]
+    if isinstance(exc, BaseExceptionGroup):
+        found: list[AhvBackupError] = []
+        for inner in exc.exceptions:
+            sub = our_errors(inner)
+            if sub is None:
+                return None
+            found += sub
+        return found
+    return None
