@@ -8,8 +8,9 @@ daemon over its standard streams): records go to the log file only, Python warni
 other libraries' warnings included.
 
 The key messages operators watch for (whitepaper section 13.2) are built here, once, by
-`backend_up`, `prism_discovery`, `selected_vms`, `backup_complete` and `dr_cycle_complete`;
-docs/logging.md lists them. Their tails are ``key=value`` so log scrapers can parse them.
+`backend_up`, `prism_discovery`, `selected_vms`, `backup_complete` and `dr_cycle_complete`,
+pure functions whose text job code logs at info; docs/logging.md lists them. Their tails are
+``key=value`` so log scrapers can parse them.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ __all__ = [
     "SecretFilter",
     "backend_up",
     "backup_complete",
-    "config_warnings",
     "configure_logging",
     "dr_cycle_complete",
     "get_logger",
@@ -45,13 +45,10 @@ import sys
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ConfigError
 from .secret import known_secrets
-
-if TYPE_CHECKING:
-    from .config import Config
 
 #: below DEBUG: wire-level detail (verbose = 3)
 TRACE = 5
@@ -242,14 +239,15 @@ def _clone_for_root(handler: logging.Handler) -> logging.Handler:
 
 
 # key messages (whitepaper 13.2, in our words) ----------------------------------------------
+# Pure formatters: job code logs what they return (at info), so each text lives here once.
 
 BACKEND_UP = "ahvbackup {version} started: mode={mode} level={level} vm={vm}"
 PRISM_DISCOVERY = "Prism reached: central={central} cluster={cluster} api={api}"
-SELECTED_VMS = "{count} {noun} selected for {mode}"
-BACKUP_COMPLETE = "VM backed up: vm={vm} disks={disks} bytes={bytes}"
+SELECTED_VMS = "{count} {noun} selected for {mode}{names}"
+BACKUP_COMPLETE = "VM backed up: vm={vm} disks={disks} bytes={bytes} bytes_read={bytes_read}"
 DR_CYCLE_COMPLETE = "DR cycle pushed: vm={vm} cycle={cycle} bytes_pushed={bytes_pushed}"
 
-_job_log = logging.getLogger(f"{ROOT}.job")
+_NAMES_SHOWN = 20
 
 
 def _v(value: object) -> str:
@@ -260,54 +258,34 @@ def _v(value: object) -> str:
     return text
 
 
-def _emit(template: str, logger: logging.Logger | None, **values: object) -> str:
-    text = template.format(**values)
-    (logger or _job_log).info("%s", text)
-    return text
+def backend_up(version: str, *, mode: str, level: str, vm: str | Iterable[str]) -> str:
+    """A job started: version, mode, level and the vm= selection."""
+    vms = vm if isinstance(vm, str) else tuple(vm)
+    return BACKEND_UP.format(version=_v(version), mode=_v(mode), level=_v(level), vm=_v(vms))
 
 
-def backend_up(
-    *, version: str, mode: str, level: str, vm: Iterable[str],
-    logger: logging.Logger | None = None,
-) -> str:
-    """The backend started a job. Logged at info; returns the message."""
-    return _emit(BACKEND_UP, logger, version=_v(version), mode=_v(mode), level=_v(level),
-                 vm=_v(tuple(vm)))
-
-
-def prism_discovery(
-    *, central: str, cluster: str, api: str, logger: logging.Logger | None = None
-) -> str:
+def prism_discovery(central: str, cluster: str, api: str) -> str:
     """Prism Central answered and the API version (v3 or v4) is known."""
-    return _emit(PRISM_DISCOVERY, logger, central=_v(central), cluster=_v(cluster), api=_v(api))
+    return PRISM_DISCOVERY.format(central=_v(central), cluster=_v(cluster), api=_v(api))
 
 
-def selected_vms(*, count: int, mode: str = "backup", logger: logging.Logger | None = None) -> str:
-    """The VM selection (vm=, exclude=, cluster=) matched `count` VMs."""
-    return _emit(SELECTED_VMS, logger, count=count, noun="VM" if count == 1 else "VMs",
-                 mode=mode)
+def selected_vms(count: int, names: Iterable[str] = (), *, mode: str = "backup") -> str:
+    """The selection (vm=, exclude=, cluster=) matched `count` VMs; up to 20 names shown."""
+    shown = list(names)
+    listed = ""
+    if shown:
+        more = len(shown) - _NAMES_SHOWN
+        listed = ": " + ", ".join(shown[:_NAMES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+    return SELECTED_VMS.format(count=count, noun="VM" if count == 1 else "VMs", mode=mode,
+                               names=listed)
 
 
-def backup_complete(
-    *, vm: str, disks: int, bytes_stored: int, logger: logging.Logger | None = None
-) -> str:
-    """Every disk of one VM was stored."""
-    return _emit(BACKUP_COMPLETE, logger, vm=_v(vm), disks=disks, bytes=bytes_stored)
+def backup_complete(vm: str, disks: int, bytes_read: int, bytes_stored: int) -> str:
+    """Every disk of one VM was stored; ``bytes`` is what the backup holds."""
+    return BACKUP_COMPLETE.format(vm=_v(vm), disks=disks, bytes=bytes_stored,
+                                  bytes_read=bytes_read)
 
 
-def dr_cycle_complete(
-    *, vm: str, cycle: int, bytes_pushed: int, logger: logging.Logger | None = None
-) -> str:
+def dr_cycle_complete(vm: str, cycle: int, bytes_pushed: int) -> str:
     """One DR push cycle reached the receiver."""
-    return _emit(DR_CYCLE_COMPLETE, logger, vm=_v(vm), cycle=cycle, bytes_pushed=bytes_pushed)
-
-
-def config_warnings(config: Config, *, logger: logging.Logger | None = None) -> tuple[str, ...]:
-    """Log each of the configuration's warnings (inline password, prism_insecure, ...).
-
-    Jobs call this at start so the warnings appear on every job; returns them so the Bacula
-    backend can also send them as job messages (they show even at verbose = 0 there).
-    """
-    for warning in config.warnings:
-        (logger or _job_log).warning("%s", warning)
-    return config.warnings
+    return DR_CYCLE_COMPLETE.format(vm=_v(vm), cycle=cycle, bytes_pushed=bytes_pushed)
