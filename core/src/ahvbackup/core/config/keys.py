@@ -119,7 +119,7 @@ KEYS: tuple[Key, ...] = (
     _k("prism_central", HostPortField(empty=None), None, "connection",
        "Prism Central host name or IP (optionally :port), reachable from this host."),
     _k("prism_port", Int(**_PORT), 9440, "connection",
-       "Prism Central HTTPS port (a port in prism_central wins)."),
+       "Prism Central HTTPS port (or give it as prism_central = host:port)."),
     _k("prism_api_version", Choice(("auto", "v3", "v4")), "auto", "connection",
        "auto tries v4 first and falls back to v3."),
     _k("user", Text(empty=None), None, "connection",
