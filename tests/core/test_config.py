@@ -77,7 +77,7 @@ def expected_default(wp_type: str, wp_default: str) -> object:
     return wp_default
 
 
-_FIELD_FOR_TYPE = {
+_FIELD_FOR_TYPE: dict[str, type | tuple[type, ...]] = {
     "host[:port]": cf.HostPortField,
     "host": cf.HostPortField,
     "int": cf.Int,

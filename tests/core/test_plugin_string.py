@@ -109,7 +109,7 @@ def test_errors_and_repr_never_quote_values() -> None:
 
 
 _value = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=30
+    st.characters(exclude_categories=["Cs"], exclude_characters="\0"), max_size=30
 )
 
 
