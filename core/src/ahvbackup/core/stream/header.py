@@ -1,0 +1,102 @@
+"""What a disk stream says about itself: whose disk, which snapshot, against which reference."""
+
+from __future__ import annotations
+
+__all__ = ["KINDS", "StreamHeader"]
+
+import datetime
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .. import __version__
+from ..errors import StreamFormatError
+
+KINDS = ("full", "incremental", "differential")
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamHeader:
+    """The stream's metadata (docs/stream-format.md section 2). `extra` holds keys this version
+    does not know: a reader keeps them, a writer writes them back."""
+
+    kind: str
+    vm_uuid: str
+    disk_uuid: str
+    disk_size: int
+    snapshot_id: str
+    vm_name: str = ""
+    disk_label: str = ""
+    disk_bus: str = ""
+    disk_index: int = 0
+    block_size: int = 0
+    backup_id: str = ""
+    stream_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    reference_snapshot_id: str = ""
+    reference_backup_id: str = ""
+    reference_stream_id: str = ""
+    created: str = field(default_factory=_now)
+    producer: str = f"ahvbackup {__version__}"
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        problem = _problem(self)
+        if problem:
+            raise StreamFormatError(f"stream header: {problem}")
+
+    @property
+    def identity(self) -> str:
+        """VM and disk, as error messages name them."""
+        vm = f"VM {self.vm_name} ({self.vm_uuid})" if self.vm_name else f"VM {self.vm_uuid}"
+        disk = self.disk_label or "disk"
+        return f"{vm} {disk} ({self.disk_uuid})"
+
+    def to_json(self) -> bytes:
+        doc = dict(self.extra)
+        doc.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes | memoryview) -> StreamHeader:
+        """Parse metadata: unknown keys go to `extra`; a missing or mistyped known key fails."""
+        try:
+            doc = json.loads(bytes(raw).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StreamFormatError(f"stream header: metadata is not UTF-8 JSON ({err})") from err
+        if not isinstance(doc, dict):
+            raise StreamFormatError("stream header: metadata is not a JSON object")
+        known: dict[str, Any] = {}
+        for f in fields(cls):
+            if f.name == "extra":
+                continue
+            if f.name not in doc:
+                raise StreamFormatError(f"stream header: required key {f.name} is missing")
+            value = doc.pop(f.name)
+            want = int if f.type == "int" else str
+            if type(value) is not want:
+                raise StreamFormatError(
+                    f"stream header: {f.name} must be a {want.__name__} (got {value!r:.80})"
+                )
+            known[f.name] = value
+        return cls(**known, extra=doc)
+
+
+def _problem(h: StreamHeader) -> str:
+    if h.kind not in KINDS:
+        return f"kind must be one of {', '.join(KINDS)} (got {h.kind!r})"
+    if h.disk_size <= 0:
+        return f"disk_size must be > 0 (got {h.disk_size})"
+    if h.block_size < 0 or h.disk_index < 0:
+        return "block_size and disk_index must be >= 0"
+    refs = (h.reference_snapshot_id, h.reference_backup_id, h.reference_stream_id)
+    if h.kind == "full" and any(refs):
+        return "a full stream has no reference (reference ids must be empty)"
+    if h.kind != "full" and not h.reference_snapshot_id:
+        return f"kind {h.kind} needs reference_snapshot_id (the snapshot it is a delta against)"
+    return ""
