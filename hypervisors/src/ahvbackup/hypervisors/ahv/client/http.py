@@ -27,6 +27,7 @@ import base64
 import email.utils
 import http.cookiejar
 import json as jsonlib
+import logging
 import random
 import re
 import ssl
@@ -65,12 +66,14 @@ class PrismAuth(httpx.Auth):
     A 401 while presenting the cookie means the session expired: the request is sent once more
     with Basic auth, which also refreshes the cookie. A request whose body cannot be replayed
     (a streamed upload) always goes with Basic auth so that it never needs that second send.
+    Cookie values are held as `Secret`s, so the log filter masks them should a library's debug
+    output (httpcore logs response headers) ever reach a log.
     """
 
     def __init__(self, user: str, password: Secret) -> None:
         self.user = user
         self._password = password
-        self._cookies: dict[str, str] = {}
+        self._cookies: dict[str, Secret] = {}
         self.basic_logins = 0
 
     @property
@@ -88,13 +91,13 @@ class PrismAuth(httpx.Auth):
             pair = header.split(";", 1)[0]
             name, sep, value = pair.partition("=")
             if sep and name.strip():
-                self._cookies[name.strip()] = value.strip()
+                self._cookies[name.strip()] = Secret(value.strip())
 
     def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         replayable = isinstance(request.stream, httpx.ByteStream)
         if self._cookies and replayable:
             sent = dict(self._cookies)
-            request.headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in sent.items())
+            request.headers["Cookie"] = "; ".join(f"{k}={v.reveal()}" for k, v in sent.items())
             response = yield request
             if response.status_code != 401:
                 self._remember(response)
@@ -106,6 +109,35 @@ class PrismAuth(httpx.Auth):
         self.basic_logins += 1
         response = yield request
         self._remember(response)
+
+
+class HeaderRedactor(logging.Filter):
+    """Masks cookie and authorization header values in httpcore's debug records, which print
+    raw response headers (a session cookie arrives in the very first one, before any filter
+    could know its value)."""
+
+    _HEADER = re.compile(
+        r"(\(b'(?:set-cookie|cookie|authorization|x-ntnx-api-key)', b')[^']*(')", re.IGNORECASE
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and "'" in record.msg:
+            try:
+                text = record.getMessage()
+            except (TypeError, ValueError, KeyError):
+                return True
+            record.msg, record.args = self._HEADER.sub(r"\1********\2", text), None
+        return True
+
+
+_REDACTED_LOGGERS = ("httpcore.http11", "httpcore.http2", "httpcore.proxy")
+
+
+def _redact_library_logs() -> None:
+    for name in _REDACTED_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, HeaderRedactor) for f in logger.filters):
+            logger.addFilter(HeaderRedactor())
 
 
 def _refuse_all_cookies() -> http.cookiejar.CookieJar:
@@ -308,6 +340,7 @@ class PrismHttp:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._clock = clock or trio.current_time
+        _redact_library_logs()
         self._rng = rng or random.Random()
         if verify is False:
             log.warning(
