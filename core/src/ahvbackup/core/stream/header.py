@@ -80,8 +80,9 @@ class StreamHeader:
             value = doc.pop(f.name)
             want = int if f.type == "int" else str
             if type(value) is not want:
+                kind = "an integer" if want is int else "a string"
                 raise StreamFormatError(
-                    f"stream header: {f.name} must be a {want.__name__} (got {value!r:.80})"
+                    f"stream header: {f.name} must be {kind} (got {value!r:.80})"
                 )
             known[f.name] = value
         return cls(**known, extra=doc)
