@@ -221,8 +221,10 @@ def error_for_response(
     path: str,
     user: str,
     gave_up: tuple[int, float] | None = None,
+    retry_after: float | None = None,
 ) -> ApiError:
-    """The error an HTTP failure becomes. `gave_up` is (attempts, seconds) once retries ran out."""
+    """The error an HTTP failure becomes. `gave_up` is (attempts, seconds) once retries ran
+    out; `retry_after` is the wait Prism last asked for."""
     msg = prism_message(body, content_type)
     where = f"Prism at {host}"
     endpoint = f"{method} {path}"
@@ -230,6 +232,8 @@ def error_for_response(
     if gave_up is not None:
         attempts, seconds = gave_up
         tail = f"; gave up after {attempts} attempts over {seconds:.1f} s"
+        if retry_after is not None:
+            tail += f" (Prism asked to wait {retry_after:g} s more)"
     err: ApiError
     if status == 401:
         err = ApiAuthError(
@@ -512,7 +516,7 @@ class PrismHttp:
                     status=status, body=resp.content,
                     content_type=resp.headers.get("content-type", ""), host=self.host,
                     method=method, path=shown, user=self.user,
-                    gave_up=(attempt, self._clock() - started),
+                    gave_up=(attempt, self._clock() - started), retry_after=wait,
                 )
             raise error_for_response(
                 status=status, body=resp.content,
