@@ -172,8 +172,8 @@ class Decoder:
             )
             self._fail(f"{where}: expected record {self._seq} here; {problem}", at=at)
         if tag == TAG_TRAILER:
-            if length != TRAILER_SIZE:
-                self._fail(f"trailer length {length} (want {TRAILER_SIZE})", at=at)
+            if length != TRAILER_SIZE or offset:
+                self._fail(f"trailer offset {offset} and length {length} (want 0, 64)", at=at)
             self._state, self.want, self._pending_check = "trailer", TRAILER_SIZE, payload_check
             self._trailer_start = at
             return None
