@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 API_VERSION = "3.1"
 _AOS_VERSION = "6.5.4.5"
 _PC_VERSION = "pc.2024.3.0.1"
+_COMMIT = "0" * 40
 _MiB = 1 << 20
 
 
@@ -39,7 +40,7 @@ def error_body(
     """The v3 error envelope (``<kind>_status``)."""
     item: dict[str, Any] = {"message": message, "reason": reason}
     if details:
-        item["details"] = details
+        item["details"] = {k: str(v) for k, v in details.items()}
     body: dict[str, Any] = {
         "api_version": API_VERSION,
         "code": status,
@@ -86,7 +87,8 @@ def _cluster_resources(sim: Simulator, c: Cluster) -> dict[str, Any]:
                 "NOS": {"software_type": "NOS", "status": "INSTALLED", "version": _AOS_VERSION},
             },
             "build": {"build_type": "release", "version": _AOS_VERSION,
-                      "full_version": f"el7.3-release-fraser-{_AOS_VERSION}-stable-sim"},
+                      "full_version": f"el7.3-release-fraser-{_AOS_VERSION}-stable-sim",
+                      "commit_id": _COMMIT, "short_commit_id": _COMMIT[:6]},
             "redundancy_factor": 2,
             "is_available": True,
             "timezone": "UTC",
@@ -128,7 +130,8 @@ def render_pc_cluster(sim: Simulator) -> dict[str, Any]:
     resources = {
         "config": {
             "service_list": ["PRISM_CENTRAL"],
-            "build": {"build_type": "release", "version": _PC_VERSION},
+            "build": {"build_type": "release", "version": _PC_VERSION,
+                      "commit_id": _COMMIT, "short_commit_id": _COMMIT[:6]},
             "is_available": True,
             "timezone": "UTC",
         },
