@@ -115,6 +115,12 @@ def plugins(ctx: Context) -> None:
     emit(ctx, rows, human)
 
 
+from .jobs import backup, list_backups  # noqa: E402 - they need the group defined above
+
+cli.add_command(backup)
+cli.add_command(list_backups)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     cli.main(args=argv, prog_name="ahvbackup", standalone_mode=True)

@@ -353,6 +353,10 @@ class PrismHttp:
                 self.host,
             )
         inner = transport or httpx.AsyncHTTPTransport(verify=_ssl_context(verify), retries=0)
+        self._data_transport = transport or httpx.AsyncHTTPTransport(
+            verify=_ssl_context(verify), retries=0,
+            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
+        )
         self.http = httpx.AsyncClient(
             base_url=self.base_url,
             auth=self.auth,
@@ -360,6 +364,19 @@ class PrismHttp:
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             cookies=_refuse_all_cookies(),
             headers={"Accept": "application/json", "User-Agent": "ahvbackup"},
+            follow_redirects=False,
+        )
+
+    def data_client(self) -> httpx.AsyncClient:
+        """A client for bulk disk bytes (image ranges): same auth, session and TLS, but outside
+        the API rate limit, which is for control-plane calls. The caller closes it."""
+        return httpx.AsyncClient(
+            base_url=self.base_url,
+            auth=self.auth,
+            transport=self._data_transport,
+            timeout=self.http.timeout,
+            cookies=_refuse_all_cookies(),
+            headers={"User-Agent": "ahvbackup"},
             follow_redirects=False,
         )
 

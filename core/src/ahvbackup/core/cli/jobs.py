@@ -1,0 +1,100 @@
+"""Job commands: backup, list (restore and verify live beside them in restore.py)."""
+
+from __future__ import annotations
+
+__all__ = ["backup", "list_backups"]
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import JobError
+from ..jobs.backup import BackupJob
+from ..jobs.results import JobResult
+from ..jobs.runtime import Runtime
+from . import Context, emit, pass_context
+from .options import config_options, load_job_config, run_trio
+from .progress import Meter
+
+
+def _human_result(res: dict[str, Any]) -> str:
+    lines = []
+    for vm in res["vms"]:
+        state = "ok" if vm["ok"] else "FAILED"
+        read = sum(d["bytes_read"] for d in vm["disks"])
+        stored = sum(d["bytes_stored"] for d in vm["disks"])
+        lines.append(
+            f"{vm['vm_name']:<24} {state:<7} disks={len(vm['disks'])} read={read:,} "
+            f"stored={stored:,} backup={vm['backup_id'] or '-'}"
+        )
+        if vm["error"]:
+            lines.append(f"    error: {vm['error']}")
+        for d in vm["disks"]:
+            if d["error"]:
+                lines.append(f"    {d['label']}: {d['error']}")
+    lines.append(
+        f"{len(res['vms'])} VM(s), {len(res['failed'])} failed, {res['bytes_read']:,} bytes read, "
+        f"{res['bytes_stored']:,} stored, {res['seconds']:.1f}s"
+    )
+    return "\n".join(lines)
+
+
+def finish(ctx: Context, result: JobResult) -> None:
+    emit(ctx, result.to_json(), _human_result)
+    if not result.ok:
+        raise JobError(f"{len(result.failed)} failed: {', '.join(result.failed)}")
+
+
+@click.command()
+@config_options
+@click.option("--level", type=click.Choice(["full", "incremental", "differential"]),
+              help="Backup level (overrides the level= key).")
+@pass_context
+def backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
+           plugin_string: str | None, level: str | None) -> None:
+    """Back up the VMs the configuration selects (vm=, exclude=, cluster=)."""
+    overrides: dict[str, object] = {"level": level} if level else {}
+    cfg = load_job_config(
+        configs=configs, sets=sets, plugin_string=plugin_string, hooks=ctx.hooks,
+        verbose=ctx.verbose, overrides=overrides, require=("prism_central", "user", "password"),
+    )
+    rt = Runtime.from_config(cfg, hooks=ctx.hooks)
+    meter = Meter("backup", enabled=None if not ctx.json else False)
+
+    async def main() -> JobResult:
+        async with meter.running():
+            return await BackupJob(rt, progress=meter.add).run()
+
+    finish(ctx, run_trio(main))
+
+
+@click.command("list")
+@config_options
+@click.option("--vm", "vm_filter", help="Only backups of this VM (name or UUID).")
+@pass_context
+def list_backups(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
+                 plugin_string: str | None, vm_filter: str | None) -> None:
+    """List complete backups in the repository with sizes and times."""
+    cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
+                          hooks=ctx.hooks, verbose=ctx.verbose)
+    rt = Runtime.from_config(cfg, hooks=ctx.hooks)
+    found = run_trio(rt.sink.backups, vm_filter)
+    rows = [
+        {"backup_id": b.backup_id, "vm": b.vm_name, "vm_uuid": b.vm_uuid, "level": b.level,
+         "created": b.created, "disks": list(b.disks), "bytes_stored": b.bytes_stored}
+        for b in found
+    ]
+
+    def human(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return "no backups"
+        out = [f"{'BACKUP':<30} {'VM':<20} {'LEVEL':<12} {'CREATED (UTC)':<20} {'DISKS':>5} {'STORED':>15}"]
+        for r in rows:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created"]))
+            out.append(f"{r['backup_id']:<30} {r['vm']:<20} {r['level']:<12} {when:<20} "
+                       f"{len(r['disks']):>5} {r['bytes_stored']:>15,}")
+        return "\n".join(out)
+
+    emit(ctx, rows, human)

@@ -1,0 +1,283 @@
+"""The backup job: select, snapshot, read each disk through the data path, stream it to the sink.
+
+One nursery per job, one per VM, one per disk (style.md, async). Stages are joined by bounded
+memory channels (reader -> encoder -> sink), so memory does not grow with disk size. A failed
+disk fails its VM, never the other VMs; every remote resource is on the cleanup ledger and is
+released in reverse order however the job ends.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BackupJob"]
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import trio
+
+from .. import __version__, log as msgs
+from ..drivers import BackupWriter, DataPath, HypervisorSession
+from ..errors import AhvBackupError, ConfigError, our_errors
+from ..ledger import ReleaseStack
+from ..model import DiskSnapshot, VmInfo, VmSnapshot
+from ..repository import new_backup_id
+from ..state import DiskState, VmState
+from ..stream import StreamHeader
+from .encode import encode_disk
+from .readahead import Chunk, read_chunks
+from .results import DiskResult, JobResult, VmResult
+from .runtime import Runtime, resolve_data_path
+from .selection import select_vms
+
+log = logging.getLogger("ahvbackup.backup")
+
+Progress = Callable[[int], None]
+
+
+class BackupJob:
+    def __init__(self, rt: Runtime, *, progress: Progress | None = None) -> None:
+        self.rt = rt
+        self.cfg = rt.config
+        self.progress = progress or (lambda n: None)
+        if self.cfg.level != "full":
+            raise ConfigError(
+                f"level: {self.cfg.level!r} backups are not available yet; use level=full"
+            )
+
+    async def run(self) -> JobResult:
+        cfg, rt = self.cfg, self.rt
+        started = time.monotonic()
+        result = JobResult(job_id=rt.job_id, mode=cfg.mode, warnings=list(cfg.warnings))
+        for warning in cfg.warnings:
+            log.warning("%s", warning)
+        log.info(msgs.backend_up(__version__, mode=cfg.mode, level=cfg.level, vm=",".join(cfg.vm)))
+        rt.hooks.job_started(job_id=rt.job_id, mode=cfg.mode, level=cfg.level)
+        try:
+            async with rt.hypervisor.connect() as session:
+                log.info("%s", await session.discover())
+                if cfg.job_cleanup_on_abort:
+                    await rt.sweep(session)
+                vms, warnings = select_vms(
+                    await session.list_vms(), include=cfg.vm, exclude=cfg.exclude,
+                    cluster=cfg.cluster,
+                )
+                for w in warnings:
+                    log.warning("%s", w)
+                result.warnings += warnings
+                log.info(msgs.selected_vms(len(vms), [v.name for v in vms]))
+                datapath = await resolve_data_path(cfg, session)
+                limiter = trio.CapacityLimiter(cfg.concurrent_vms)
+                async with trio.open_nursery() as nursery:
+                    for vm in vms:
+                        vr = VmResult(vm_uuid=vm.uuid, vm_name=vm.name)
+                        result.vms.append(vr)
+                        nursery.start_soon(self._vm, session, datapath, vm, vr, limiter)
+        finally:
+            result.seconds = time.monotonic() - started
+            rt.hooks.job_finished(
+                job_id=rt.job_id, ok=result.ok, failed=result.failed, seconds=result.seconds
+            )
+        return result
+
+    async def _vm(
+        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, vr: VmResult,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        rt = self.rt
+        async with limiter:
+            rt.hooks.vm_started(job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name)
+            try:
+                await self._vm_locked(session, datapath, vm, vr)
+            except (AhvBackupError, BaseExceptionGroup) as err:
+                errors = our_errors(err)
+                if errors is None:
+                    raise
+                vr.ok = False
+                vr.error = vr.error or "; ".join(dict.fromkeys(str(e) for e in errors))
+                log.error("VM %s: %s", vm.name, vr.error)
+            rt.hooks.vm_finished(
+                job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name, ok=vr.ok,
+                bytes_stored=vr.bytes_stored, error=vr.error,
+            )
+
+    def _consistency(self, vm: VmInfo, vr: VmResult) -> bool:
+        """Whether to ask for an application-consistent snapshot (application_consistent=...)."""
+        mode = self.cfg.application_consistent
+        if mode == "false":
+            return False
+        if vm.app_consistent_capable:
+            return True
+        why = "guest tools (NGT) with VSS are not enabled"
+        if mode == "true":
+            raise ConfigError(
+                f"VM {vm.name}: application_consistent=true but {why}; "
+                "enable NGT with VSS or set application_consistent=try"
+            )
+        warning = f"VM {vm.name}: {why}; taking a crash-consistent snapshot instead"
+        log.warning("%s", warning)
+        vr.warnings.append(warning)
+        return False
+
+    async def _vm_locked(
+        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, vr: VmResult
+    ) -> None:
+        rt, cfg = self.rt, self.cfg
+        backup_id = new_backup_id()
+        created = time.time()
+        app = self._consistency(vm, vr)
+        async with ReleaseStack(rt.ledger, owner=rt.job_id, releaser=session.release) as stack:
+            snap = await session.snapshot_vm(
+                vm, application_consistent=app, name=f"ahvbackup-{rt.job_id}-{vm.name}",
+                stack=stack,
+            )
+            vr.consistency = snap.consistency
+            rt.hooks.snapshot_created(
+                job_id=rt.job_id, vm_uuid=vm.uuid, snapshot_id=snap.id,
+                consistency=snap.consistency,
+            )
+            writer = await rt.sink.begin(vm, backup_id=backup_id, level=cfg.level)
+            try:
+                limiter = trio.CapacityLimiter(cfg.concurrent_disks)
+                async with trio.open_nursery() as nursery:
+                    for disk in snap.disks:
+                        dr = DiskResult(label=disk.disk.label, size=disk.size)
+                        vr.disks.append(dr)
+                        nursery.start_soon(
+                            self._disk, session, datapath, vm, snap, disk, writer, dr, backup_id,
+                            limiter,
+                        )
+                failed = [d.label for d in vr.disks if not d.ok]
+                if failed:
+                    vr.error = f"disk(s) {', '.join(failed)} failed; no backup of this VM was kept"
+                    raise _VmFailed(vr.error)
+                stored = await writer.commit(
+                    self._manifest(vm, snap, vr, backup_id=backup_id, created=created)
+                )
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await writer.abort()
+                raise
+        vr.backup_id = stored.backup_id
+        vr.ok = True
+        rt.states.save(VmState(
+            vm_uuid=vm.uuid, vm_name=vm.name, last_backup_id=backup_id,
+            last_full_backup_id=backup_id,
+            disks={
+                d.disk.uuid: DiskState(
+                    disk_uuid=d.disk.uuid, label=d.disk.label, size=d.size, snapshot_id=snap.id,
+                    handle=d.handle, backup_id=backup_id, full_backup_id=backup_id,
+                )
+                for d in snap.disks
+            },
+        ))
+        log.info(msgs.backup_complete(vm.name, len(vr.disks), vr.bytes_read, vr.bytes_stored))
+
+    async def _disk(
+        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot,
+        disk: DiskSnapshot, writer: BackupWriter, dr: DiskResult, backup_id: str,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        rt, cfg = self.rt, self.cfg
+        async with limiter:
+            rt.hooks.disk_started(job_id=rt.job_id, vm_name=vm.name, disk=dr.label, size=disk.size)
+            try:
+                async with ReleaseStack(
+                    rt.ledger, owner=rt.job_id, releaser=session.release
+                ) as stack:
+                    reader = await datapath.open(session, disk, stack=stack)
+                    try:
+                        dr.bytes_stored = await self._stream_disk(
+                            session, vm, snap, disk, reader, writer, dr, backup_id
+                        )
+                    finally:
+                        with trio.CancelScope(shield=True):
+                            await reader.aclose()
+                dr.ok = True
+            except (AhvBackupError, BaseExceptionGroup) as err:
+                errors = our_errors(err)
+                if errors is None:
+                    raise
+                dr.error = "; ".join(dict.fromkeys(str(e) for e in errors))
+                log.error("VM %s disk %s: %s", vm.name, dr.label, dr.error)
+            rt.hooks.disk_finished(
+                job_id=rt.job_id, vm_name=vm.name, disk=dr.label, ok=dr.ok,
+                bytes_read=dr.bytes_read, bytes_stored=dr.bytes_stored,
+            )
+
+    async def _stream_disk(
+        self, session: HypervisorSession, vm: VmInfo, snap: VmSnapshot, disk: DiskSnapshot,
+        reader: Any, writer: BackupWriter, dr: DiskResult, backup_id: str,
+    ) -> int:
+        cfg = self.cfg
+        chunk_size = cfg.chunk_size_mib * 1024 * 1024
+        inflight = max(2, min(8, (64 << 20) // chunk_size))
+        chunks_send, chunks_recv = trio.open_memory_channel[Chunk](2)
+        bytes_send, bytes_recv = trio.open_memory_channel[bytes | memoryview](4)
+        header = StreamHeader(
+            kind="full", vm_uuid=vm.uuid, vm_name=vm.name, disk_uuid=disk.disk.uuid,
+            disk_label=dr.label, disk_bus=disk.disk.bus.lower(), disk_index=disk.disk.index,
+            disk_size=disk.size, block_size=chunk_size, snapshot_id=snap.id, backup_id=backup_id,
+        )
+
+        def on_chunk(chunk: Chunk) -> None:
+            if chunk.data is None:
+                dr.zero_bytes += chunk.length
+            else:
+                dr.bytes_read += chunk.length
+            self.progress(chunk.length)
+
+        stored = 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: read_chunks(
+                    reader, session.regions(disk), chunk_size=chunk_size, inflight=inflight,
+                    out=chunks_send,
+                )
+            )
+            nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk)
+            stored = await writer.write_disk(dr.label, _iterate(bytes_recv))
+        return stored
+
+    def _manifest(
+        self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, *, backup_id: str, created: float
+    ) -> dict[str, Any]:
+        by_label = {d.label: d for d in vr.disks}
+        return {
+            "format": 1,
+            "producer": f"ahvbackup {__version__}",
+            "backup_id": backup_id,
+            "job_id": self.rt.job_id,
+            "level": self.cfg.level,
+            "created": created,
+            "completed": time.time(),
+            "vm": {
+                "uuid": vm.uuid, "name": vm.name,
+                "cluster_uuid": vm.cluster_uuid, "cluster_name": vm.cluster_name,
+            },
+            "snapshot": {"id": snap.id, "consistency": snap.consistency},
+            "config": dict(vm.config),
+            "disks": [
+                {
+                    "label": d.disk.label, "uuid": d.disk.uuid, "bus": d.disk.bus,
+                    "index": d.disk.index, "size": d.size, "container": d.disk.container,
+                    "stream": f"{d.disk.label}.ahvd",
+                    "bytes_read": by_label[d.disk.label].bytes_read,
+                    "zero_bytes": by_label[d.disk.label].zero_bytes,
+                    "bytes_stored": by_label[d.disk.label].bytes_stored,
+                    "reference_backup": None,
+                }
+                for d in snap.disks
+            ],
+        }
+
+
+async def _iterate(recv: trio.MemoryReceiveChannel[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+    async with recv:
+        async for item in recv:
+            yield item
+
+
+class _VmFailed(AhvBackupError):
+    pass

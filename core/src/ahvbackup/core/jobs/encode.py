@@ -1,0 +1,47 @@
+"""The encoder stage: chunks in disk order in, stream bytes out (no payload copies)."""
+
+from __future__ import annotations
+
+__all__ = ["encode_disk"]
+
+from collections.abc import Callable
+
+import trio
+
+from ..stream import Encoder, StreamHeader, is_zero
+from .readahead import Chunk
+
+
+async def encode_disk(
+    header: StreamHeader,
+    chunks: trio.MemoryReceiveChannel[Chunk],
+    out: trio.MemorySendChannel[bytes | memoryview],
+    on_chunk: Callable[[Chunk], None],
+) -> None:
+    """Encode one disk stream. All-zero chunks become ZERO records, adjacent ones merged."""
+    enc = Encoder(header)
+    zero_start = zero_end = -1
+
+    async def flush_zeros() -> None:
+        nonlocal zero_start, zero_end
+        if zero_start >= 0:
+            await out.send(enc.zero(zero_start, zero_end - zero_start))
+            zero_start = zero_end = -1
+
+    async with out, chunks:
+        await out.send(enc.header())
+        async for chunk in chunks:
+            on_chunk(chunk)
+            if chunk.data is None or is_zero(chunk.data):
+                if zero_start >= 0 and zero_end == chunk.offset:
+                    zero_end += chunk.length
+                else:
+                    await flush_zeros()
+                    zero_start, zero_end = chunk.offset, chunk.offset + chunk.length
+                continue
+            await flush_zeros()
+            record, payload = enc.data(chunk.offset, chunk.data)
+            await out.send(record)
+            await out.send(payload)
+        await flush_zeros()
+        await out.send(enc.trailer())
