@@ -17,7 +17,7 @@ def spawn() -> Iterator[Callable[..., Backend]]:
     started: list[Backend] = []
 
     def _spawn(**kwargs: object) -> Backend:
-        b = Backend.spawn(**kwargs)  # type: ignore[arg-type]
+        b = Backend.spawn(**kwargs)
         started.append(b)
         return b
 

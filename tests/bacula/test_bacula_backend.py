@@ -18,7 +18,7 @@ def _open(spawn: Spawn, params: list[str], *, kind: str = "B", plugin: str = "ah
           **job: object) -> Backend:
     b = spawn()
     b.hello(plugin)
-    b.job(**job_fields(kind, **job))  # type: ignore[arg-type]
+    b.job(**job_fields(kind, **job))
     answer = b.params(params)
     assert answer.kind == "F", f"Params refused: {answer!r}"
     return b
@@ -263,8 +263,8 @@ def test_cancel_releases_resources_and_exits_promptly(spawn: Spawn, tmp_path: Pa
 def test_malformed_header_is_refused_naming_its_bytes(spawn: Spawn,
                                                       base_params: list[str]) -> None:
     b = _open(spawn, base_params)
-    b.proc.stdin.write(b"X000001\nZ")  # type: ignore[union-attr]
-    b.proc.stdin.flush()  # type: ignore[union-attr]
+    b.proc.stdin.write(b"X000001\nZ")
+    b.proc.stdin.flush()
     abort = b.expect("A")
     assert abort.text == ("protocol error: bad packet header b'X000001\\n': "
                           "unknown packet type 'X'")
