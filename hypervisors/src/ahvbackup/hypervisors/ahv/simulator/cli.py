@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["simulator"]
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,15 @@ def serve(ctx: Context, state: Path, plain_http: bool, host: str, port: int, pe_
     sim = Simulator(state, seed=seed, pe_count=pe_count, task_seconds=task_seconds)
 
     async def main() -> None:
-        async with serve_simulator(sim, host=host, port=port, tls=not plain_http) as ep:
-            emit(ctx, _describe(sim, ep), _human)
-            await trio.sleep_forever()
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with serve_simulator(sim, host=host, port=port, tls=not plain_http) as ep:
+                emit(ctx, _describe(sim, ep), _human)
+                async for signum in signals:
+                    click.echo(f"simulator stopped ({signal.Signals(signum).name})", err=True)
+                    break
 
     try:
         trio.run(main)
-    except KeyboardInterrupt:
-        click.echo("simulator stopped", err=True)
     finally:
+        sim.save()
         sim.close()
