@@ -74,7 +74,7 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     message = (f"no such endpoint: {request.method} {request.url.path}"
                if exc.status_code in (404, 405) else str(exc.detail))
     return _error(exc.status_code, reason, message, kind=_kind_of(request.url.path),
-                  headers=exc.headers)
+                  headers=dict(exc.headers) if exc.headers else None)
 
 
 async def _on_store_error(request: Request, exc: Exception) -> Response:
@@ -201,8 +201,8 @@ class ListenerApp:
         morsel = cookies.get(self.cookie_name)
         if morsel is None:
             return None, ""
-        name = sessions.lookup(morsel.value, self.name)
-        user = users.get(name) if name else None
+        owner = sessions.lookup(morsel.value, self.name)
+        user = users.get(owner) if owner else None
         return user, (morsel.value if user else "")
 
 

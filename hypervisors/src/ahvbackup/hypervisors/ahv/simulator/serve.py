@@ -121,7 +121,7 @@ async def serve_simulator(
                     quic_sockets=[],
                 )
                 await nursery.start(partial(
-                    worker_serve, wrap_app(app, config.wsgi_max_body_size, "asgi"),  # type: ignore[arg-type]
+                    worker_serve, wrap_app(app, config.wsgi_max_body_size, "asgi"),
                     config, sockets=sockets,
                 ))
             yield Endpoints(

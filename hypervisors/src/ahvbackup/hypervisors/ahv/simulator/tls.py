@@ -67,7 +67,7 @@ class CertificateAuthority:
             )
             .sign(self._key, hashes.SHA256())
         )
-        atomic_write_bytes(key_path, self._key.private_bytes(  # type: ignore[union-attr]
+        atomic_write_bytes(key_path, self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),

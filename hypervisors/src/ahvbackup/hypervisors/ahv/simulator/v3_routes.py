@@ -298,8 +298,9 @@ def _parse_vm(
                     f"{where}: disk_size_bytes (or disk_size_mib, or an image "
                     "data_source_reference) is required for a new disk", kind="vm",
                 )
-            size = _int(size if size is not None else prev.size, f"{where}.disk_size_bytes",
-                        minimum=1)  # type: ignore[union-attr]
+            if size is None and prev is not None:
+                size = prev.size
+            size = _int(size, f"{where}.disk_size_bytes", minimum=1)
         ctr = ((d.get("storage_config") or {}).get("storage_container_reference") or {})
         container_uuid = prev.container_uuid if prev else cluster.container(ctr.get("uuid")).uuid
         taken = used.setdefault(adapter, set())
