@@ -8,6 +8,7 @@ are driven by ordinary configuration keys, so the parameters go through the real
 - ``bad-disk-*`` fails its disk-0 stream half way (that file alone fails, the job goes on);
 - ``hang-*`` records a resource in the cleanup ledger (``state_dir``) and waits forever;
   a cancel must release it (the releaser writes ``<state_dir>/released-<vm>``);
+- ``complain-*`` reports job errors between files and from inside a disk stream;
 - ``noisy-*`` prints to stdout and stderr and raises a Python warning;
 - restore writes each file where the plugin says (``where`` applied); ``restore_disks_only``
   skips the other disks.
@@ -58,6 +59,22 @@ async def _chunks(data: bytes, *, fail_at: int | None = None, step: int = 300_00
         await trio.lowlevel.checkpoint()
 
 
+async def _complaining(ctx: BackendContext, vm: str, chunks: AsyncIterator[memoryview]
+                      ) -> AsyncIterator[memoryview]:
+    """Reports a job error from inside a file's data stream (same task as the emitter)."""
+    async for n, chunk in _enumerate(chunks):
+        if n == 1:
+            await ctx.messages.error(f"VM {vm}: complaint inside a disk stream (demo)")
+        yield chunk
+
+
+async def _enumerate(it: AsyncIterator[memoryview]) -> AsyncIterator[tuple[int, memoryview]]:
+    n = 0
+    async for item in it:
+        yield n, item
+        n += 1
+
+
 class DemoHandlers(BackendHandlers):
     async def backup(self, ctx: BackendContext, emitter: FileEmitter) -> None:
         for vm in vm_names(ctx):
@@ -71,15 +88,19 @@ class DemoHandlers(BackendHandlers):
                 print(f"stray stdout line from {vm}")
                 print(f"stray stderr line from {vm}", file=sys.stderr)
                 warnings.warn(f"demo warning from {vm}", UserWarning, stacklevel=1)
+            if vm.startswith("complain"):
+                await ctx.messages.error(f"VM {vm}: complaint between files (demo)")
             meta = vm_json(vm)
             await emitter.file(ctx.path(CLUSTER, vm, "vm.json"), size=len(meta), mtime=MTIME,
                                chunks=_chunks(meta))
             try:
                 for i, size in enumerate(DISK_SIZES):
                     fail_at = 1_000_000 if vm.startswith("bad-disk") and i == 0 else None
+                    chunks = _chunks(disk_content(vm, i), fail_at=fail_at)
+                    if vm.startswith("complain"):
+                        chunks = _complaining(ctx, vm, chunks)
                     await emitter.file(ctx.path(CLUSTER, vm, "disks", f"disk-{i}.ahvd"),
-                                       size=size, mtime=MTIME,
-                                       chunks=_chunks(disk_content(vm, i), fail_at=fail_at))
+                                       size=size, mtime=MTIME, chunks=chunks)
             except DataPathError:
                 await ctx.messages.warning(f"VM {vm}: backup incomplete, continuing")
                 continue

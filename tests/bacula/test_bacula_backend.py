@@ -216,6 +216,16 @@ def test_failed_disk_stream_fails_that_file_and_the_job_goes_on(
     assert b.end() == 0
 
 
+def test_job_errors_never_break_a_file(spawn: Spawn, base_params: list[str]) -> None:
+    files, b = _backup(spawn, [*base_params, "vm=complain-1"])
+    assert [f.data for f in files[1:]] == [disk_content("complain-1", i) for i in (0, 1)]
+    between = [m for m in b.messages if m.kind == "E"]
+    inside = [m for m in b.messages if m.kind == "Q"]
+    assert [m.text for m in between] == ["VM complain-1: complaint between files (demo)"]
+    assert len(inside) == 1  # disk-0 (disk-1 is one chunk): a Q keeps its data stream whole
+    assert all("inside a disk stream" in m.text for m in inside)
+
+
 def test_internal_error_aborts_and_logs_the_traceback(spawn: Spawn, tmp_path: Path,
                                                       base_params: list[str]) -> None:
     b = _open(spawn, [*base_params, "vm=bug-1"])

@@ -149,10 +149,12 @@ class _Messages:
 
     async def error(self, text: str) -> None:
         log.error("%s", text)
-        if self._s.phase in {"backup", "estimate", "listing"}:
-            async with self._s.file_lock:  # never inside another file's packets
+        lock = self._s.file_lock
+        in_file = lock.statistics().owner is trio.lowlevel.current_task()
+        if self._s.phase in {"backup", "estimate", "listing"} and not in_file:
+            async with lock:  # between files: never inside another task's file
                 await self._s.channel.send_message("E", text)
-        else:
+        else:  # during restore, or from inside this task's own file: Q never breaks a read
             await self._s.channel.send_message("Q", text)
 
 
