@@ -403,3 +403,42 @@ async def test_malformed_uuid_is_a_400(pc: httpx.AsyncClient, path: str) -> None
     r = await pc.get(path)
     assert r.status_code == 400
     assert r.json()["state"] == "ERROR"
+
+
+async def test_a_deleted_vm_keeps_its_snapshots_until_they_are_deleted(
+    sim: Simulator, pc: httpx.AsyncClient, pe: httpx.AsyncClient
+) -> None:
+    app = sim.find_vm("app-01")
+    vmdisk = app.data_disks[0].uuid
+    snap = await _snapshot(pe, sim, "app-01")
+    assert (await pc.delete(f"{V3}/vms/{app.uuid}")).status_code == 202
+    assert (await pe.get(f"{V3}/vm_snapshots/{snap['metadata']['uuid']}")).status_code == 200
+    assert sim.read_snapshot_disk(snap["metadata"]["uuid"], vmdisk, 0, MiB)[:768 * 1024] == (
+        seed_pattern("app-01", 0, 0, 768 * 1024))
+    path = snap["status"]["snapshot_file_list"][0]["snapshot_file_path"]
+    r = await pc.post(f"{V3}/images", json={"spec": {"name": "orphan", "resources": {
+        "source_uri": f"nfs://127.0.0.2{path}"}}})
+    assert r.status_code == 202
+    assert (await pe.delete(f"{V3}/vm_snapshots/{snap['metadata']['uuid']}")).status_code == 202
+    assert vmdisk not in sim.store.disks()
+    await _settle(sim)
+    image = r.json()["metadata"]["uuid"]
+    got = await pc.get(f"{V3}/images/{image}/file", headers={"Range": "bytes=0-1023"})
+    assert got.content == seed_pattern("app-01", 0, 0, 1024)
+
+
+async def test_chunked_upload_without_length(sim: Simulator, pc: httpx.AsyncClient) -> None:
+    r = await pc.post(f"{V3}/images", json={"spec": {"name": "chunked"}})
+    uuid = r.json()["metadata"]["uuid"]
+    parts = [bytes([i]) * (3 * MiB + 17) for i in range(1, 4)]
+
+    async def body() -> Any:
+        for p in parts:
+            yield p
+
+    r = await pc.put(f"{V3}/images/{uuid}/file", content=body())
+    assert r.status_code == 200
+    await _settle(sim)
+    assert (await pc.get(f"{V3}/images/{uuid}/file")).content == b"".join(parts)
+    r = await pc.put(f"{V3}/images/{uuid}/file", content=b"again")
+    assert r.status_code == 409
