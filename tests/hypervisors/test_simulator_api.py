@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
 import pytest
 import trio
-from tests.hypervisors.conftest import BACKUP, V3, VIEWER, client
+from tests.hypervisors.conftest import ADMIN, BACKUP, V3, VIEWER, client
 
-from ahvbackup.hypervisors.ahv.simulator import PC_COOKIE, PE_COOKIE, Simulator, seed_pattern
+from ahvbackup.hypervisors.ahv.simulator import (
+    PC_COOKIE,
+    PE_COOKIE,
+    Simulator,
+    seed_pattern,
+    serve_simulator,
+)
 
 MiB = 1 << 20
 
@@ -442,3 +449,45 @@ async def test_chunked_upload_without_length(sim: Simulator, pc: httpx.AsyncClie
     assert (await pc.get(f"{V3}/images/{uuid}/file")).content == b"".join(parts)
     r = await pc.put(f"{V3}/images/{uuid}/file", content=b"again")
     assert r.status_code == 409
+
+
+async def test_stats_count_concurrent_snapshot_creations_and_image_reads(
+    sim: Simulator, pc: httpx.AsyncClient, pe: httpx.AsyncClient
+) -> None:
+    sim.task_seconds = 1.0
+    names = ["web-01", "db-01", "app-01", "tiny-01"]
+
+    async def snap(name: str) -> None:
+        r = await pe.post(f"{V3}/vm_snapshots", json={
+            "spec": {"name": name, "resources": {"entity_uuid": sim.find_vm(name).uuid}}})
+        assert r.status_code == 202
+
+    async with trio.open_nursery() as n:
+        for name in names:
+            n.start_soon(snap, name)
+    assert sim.stats.peak_concurrent_snapshot_creations == 4
+    sim.stats.reset()
+    await snap("web-01")  # the four are still running: five at once now
+    assert sim.stats.peak_concurrent_snapshot_creations == 5
+
+    sim.task_seconds = 0.01
+    r = await pc.post(f"{V3}/images", json={"spec": {"name": "c", "resources": {
+        "data_source_reference": {"kind": "vm_disk",
+                                  "uuid": sim.find_vm("db-01").data_disks[1].uuid}}}})
+    uuid = r.json()["metadata"]["uuid"]
+    await trio.sleep(0.05)
+    async with serve_simulator(sim, tls=False) as ep, httpx.AsyncClient(
+        base_url=ep.pc_url, auth=ADMIN, timeout=30
+    ) as served, AsyncExitStack() as stack:
+        readers = []
+        for _ in range(3):  # three downloads of the 8 GiB image, each read only a little
+            resp = await stack.enter_async_context(served.stream(
+                "GET", f"{V3}/images/{uuid}/file"))
+            assert resp.status_code == 200
+            readers.append(resp.aiter_raw())
+            await readers[-1].__anext__()
+        assert sim.stats.active_image_reads == 3
+    assert sim.stats.peak_concurrent_image_reads == 3
+    with trio.fail_after(5):
+        while sim.stats.active_image_reads:
+            await trio.sleep(0.01)

@@ -228,7 +228,7 @@ class Simulator:
 
     def find_vm(self, name: str) -> Vm:
         """The VM named ``name`` (a convenience for tests and demos)."""
-        for vm in self.vms.values():
+        for vm in list(self.vms.values()):
             if vm.name == name:
                 return vm
         raise EntityNotFound("vm", name)

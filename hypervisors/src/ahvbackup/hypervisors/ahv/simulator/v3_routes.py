@@ -169,7 +169,8 @@ async def clusters_get(request: Request) -> Response:
 
 def _subnets(request: Request) -> list[Any]:
     sim, lis = _sim(request), listener(request)
-    return [s for s in sim.subnets.values() if lis.is_pc or s.cluster_uuid == lis.cluster_uuid]
+    subnets = list(sim.subnets.values())
+    return [s for s in subnets if lis.is_pc or s.cluster_uuid == lis.cluster_uuid]
 
 
 @guarded("subnet", "read")
@@ -200,7 +201,8 @@ async def users_me(request: Request) -> Response:
 
 def _vms(request: Request) -> list[Vm]:
     sim, lis = _sim(request), listener(request)
-    return [v for v in sim.vms.values() if lis.is_pc or v.cluster_uuid == lis.cluster_uuid]
+    vms = list(sim.vms.values())  # a snapshot: worker threads may add VMs meanwhile
+    return [v for v in vms if lis.is_pc or v.cluster_uuid == lis.cluster_uuid]
 
 
 def _vm(request: Request, uuid: str) -> Vm:
@@ -623,7 +625,7 @@ async def tasks_list(request: Request) -> Response:
         "entity_uuid": lambda t: t.entity_uuid,
         "uuid": lambda t: t.uuid,
     }
-    return _list_response(body, kind="task", items=list(reversed(sim.tasks.values())),
+    return _list_response(body, kind="task", items=list(sim.tasks.values())[::-1],
                           attrs=attrs, render=lambda t: render_task(sim, t))
 
 
@@ -692,7 +694,7 @@ async def snapshots_get(request: Request) -> Response:
 async def snapshots_list(request: Request) -> Response:
     sim, lis = _sim(request), listener(request)
     body = await json_body(request, kind="vm_snapshot", empty_ok=True)
-    items = [s for s in sim.snapshots.values() if s.cluster_uuid == lis.cluster_uuid]
+    items = [s for s in list(sim.snapshots.values()) if s.cluster_uuid == lis.cluster_uuid]
     attrs: _Attrs = {"entity_uuid": lambda s: s.vm_uuid, "name": lambda s: s.name,
                      "uuid": lambda s: s.uuid, "snapshot_type": lambda s: s.snapshot_type}
     return _list_response(body, kind="vm_snapshot", items=items, attrs=attrs,
