@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -278,6 +279,7 @@ def _run_model(root: Path, size: int, data: st.DataObject) -> None:
 def test_a_100_gib_disk_snapshotted_100_times_costs_only_the_blocks_written(
     tmp_path: Path,
 ) -> None:
+    open_files = len(os.listdir("/proc/self/fd"))
     began = time.monotonic()
     store = DiskStore(tmp_path)
     bs = store.block_size
@@ -294,6 +296,9 @@ def test_a_100_gib_disk_snapshotted_100_times_costs_only_the_blocks_written(
     assert allocated(tmp_path) < 2 * written + 100 * 16 * 1024
     assert len(list(tmp_path.rglob("*"))) < 2 * 100 + 10
     assert elapsed < 60, f"100 snapshots of a 100 GiB disk took {elapsed:.1f}s"
+    for s in snaps:
+        store.read_snapshot("d", s, 0, bs)
+    assert len(os.listdir("/proc/self/fd")) <= open_files + 2  # the live file, not 100 snapshots
 
     first, last = snaps[0], snaps[-1]
     regions = store.changed_regions("d", last, first).regions
@@ -524,41 +529,59 @@ def test_bad_ranges_and_requests_are_value_errors_with_the_numbers(store: DiskSt
 # ---- concurrency -----------------------------------------------------------------------------
 
 
-def test_reads_of_a_snapshot_stay_exact_while_the_disk_is_written(tmp_path: Path) -> None:
-    store = DiskStore(tmp_path, sync=False)
-    bs = store.block_size
-    store.create_disk("d", 64 * bs)
-    original = os.urandom(64 * bs)
-    store.write("d", 0, original)
-    snap = store.snapshot("d")
-    stop = threading.Event()
+def test_reads_of_snapshots_stay_exact_while_the_disk_is_written(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, block_size=BS, sync=False)
+    size = 64 * BS
+    store.create_disk("d", size)
+    live = bytearray(os.urandom(size))
+    store.write("d", 0, live)
+    published: list[tuple[str, bytes]] = []  # snapshots the readers may read, with their bytes
+    done = threading.Event()
     failures: list[str] = []
 
     def writer() -> None:
         rnd = random.Random(1)
-        while not stop.is_set():
-            store.write("d", rnd.randrange(63) * bs + rnd.randrange(bs), os.urandom(bs))
+        try:
+            for _ in range(80):
+                published.append((store.snapshot("d"), bytes(live)))
+                if len(published) > 4:
+                    store.delete_snapshot("d", published.pop(1)[0])  # merges into the oldest
+                for _ in range(8):
+                    offset, data = rnd.randrange(size - BS), os.urandom(BS)
+                    store.write("d", offset, data)
+                    live[offset : offset + BS] = data
+        finally:
+            done.set()
 
     def reader() -> None:
         rnd = random.Random()
-        buf = bytearray(8 * bs)
-        for _ in range(200):
-            offset = rnd.randrange(56 * bs)
-            store.read_snapshot_into("d", snap, offset, memoryview(buf))
-            if buf != original[offset : offset + len(buf)]:
-                failures.append(f"snapshot read at {offset} saw a later write")
+        buf = bytearray(4 * BS)
+        while not done.is_set():
+            if not published:
+                continue
+            snap, expected = rnd.choice(published[:])
+            offset = rnd.randrange(size - len(buf))
+            try:
+                store.read_snapshot_into("d", snap, offset, memoryview(buf))
+            except UnknownSnapshotError:
+                continue  # deleted meanwhile
+            if buf != expected[offset : offset + len(buf)]:
+                failures.append(f"read of snapshot {snap} at {offset} saw other bytes")
 
-    threads = [threading.Thread(target=writer)] + [
-        threading.Thread(target=reader) for _ in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads[1:]:
-        t.join()
-    stop.set()
-    threads[0].join()
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    threads.append(threading.Thread(target=writer))
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so a missing lock would show
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
     assert failures == []
-    assert store.read_snapshot("d", snap, 0, 64 * bs) == original
+    for snap, expected in published:
+        assert store.read_snapshot("d", snap, 0, size) == expected
     store.close()
 
 

@@ -48,6 +48,9 @@ before its block set names it, and the set before the live file is overwritten.
 
 Thread-safety: mutations of a disk are serialised by a per-disk reader/writer lock; reads (live
 or any snapshot) of a disk run concurrently with each other; different disks are independent.
+Open one DiskStore per root at a time (a new one, e.g. after a restart, sweeps the scratch
+directories a killed process left). Preserved files are opened per operation, so the number of
+open files is one per disk however many snapshots exist.
 """
 
 from __future__ import annotations
@@ -152,19 +155,15 @@ class _Disk:
         self.lock = RWLock()
         self.deleted = False
         self.live_fd = os.open(path / "live.img", os.O_RDWR)
-        self._fds: dict[str, int] = {}
-        self._fd_lock = threading.Lock()
 
-    def fd(self, snap: _Snap) -> int:
-        with self._fd_lock:
-            fd = self._fds.get(snap.file)
-            if fd is None:
-                fd = os.open(self.path / f"{snap.file}.dat", os.O_RDWR | os.O_CREAT, 0o644)
-                self._fds[snap.file] = fd
-            return fd
-
-    def source_fd(self, src: int) -> int:
-        return self.live_fd if src == _LIVE else self.fd(self.snaps[src])
+    @contextmanager
+    def files(self) -> Generator[_Files, None, None]:
+        """Preserved files opened for one operation (so open files never pile up)."""
+        files = _Files(self)
+        try:
+            yield files
+        finally:
+            files.close()
 
     def index(self, snapshot: str) -> int:
         for i, s in enumerate(self.snaps):
@@ -172,18 +171,29 @@ class _Disk:
                 return i
         raise UnknownSnapshotError(self.id, snapshot)
 
-    def forget(self, snap: _Snap) -> None:
-        with self._fd_lock:
-            fd = self._fds.pop(snap.file, None)
-        if fd is not None:
-            os.close(fd)
+    def close(self) -> None:
+        os.close(self.live_fd)
+
+
+class _Files:
+    def __init__(self, disk: _Disk) -> None:
+        self._disk = disk
+        self._fds: dict[str, int] = {}
+
+    def of(self, snap: _Snap) -> int:
+        fd = self._fds.get(snap.file)
+        if fd is None:
+            path = self._disk.path / f"{snap.file}.dat"
+            fd = self._fds[snap.file] = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        return fd
+
+    def source(self, src: int) -> int:
+        return self._disk.live_fd if src == _LIVE else self.of(self._disk.snaps[src])
 
     def close(self) -> None:
-        with self._fd_lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
-        os.close(self.live_fd)
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 class DiskStore:
@@ -238,8 +248,9 @@ class DiskStore:
             fd = os.open(path / "live.img", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
             try:
                 os.ftruncate(fd, size)
-                for b0, b1, source in runs:
-                    copy_range(src.source_fd(source), fd, b0 * bs, min(b1 * bs, size))
+                with src.files() as files:
+                    for b0, b1, source in runs:
+                        copy_range(files.source(source), fd, b0 * bs, min(b1 * bs, size))
                 if self._sync:
                     os.fsync(fd)
             finally:
@@ -331,8 +342,9 @@ class DiskStore:
     def read_snapshot(self, disk_id: str, snap: str, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         with self._locked(disk_id) as d:
-            _check_range("read", d, d.snaps[d.index(snap)].size, offset, length)
-            self._read_snapshot(d, d.index(snap), offset, memoryview(buf))
+            idx = d.index(snap)
+            _check_range("read", d, d.snaps[idx].size, offset, length)
+            self._read_snapshot(d, idx, offset, memoryview(buf))
         return bytes(buf)
 
     def read_snapshot_into(self, disk_id: str, snap: str, offset: int, buf: memoryview) -> int:
@@ -359,16 +371,16 @@ class DiskStore:
                 prev = d.snaps[idx - 1]
                 moved = sorted(gone.blocks - prev.blocks)
                 if moved:
-                    src, dst = d.fd(gone), d.fd(prev)
-                    for b0, b1 in _block_runs(moved):
-                        copy_range(src, dst, b0 * bs, b1 * bs)
-                    if self._sync:
-                        os.fsync(dst)
+                    with d.files() as files:
+                        src, dst = files.of(gone), files.of(prev)
+                        for b0, b1 in _block_runs(moved):
+                            copy_range(src, dst, b0 * bs, b1 * bs)
+                        if self._sync:
+                            os.fsync(dst)
                     prev.blocks.update(moved)
                     self._save_map(d, prev)
             del d.snaps[idx]
             self._save_meta(d)
-            d.forget(gone)
             for suffix in (".dat", ".map"):
                 (d.path / f"{gone.file}{suffix}").unlink(missing_ok=True)
 
@@ -400,24 +412,8 @@ class DiskStore:
                     f"(snapshot size {size})"
                 )
             b0, b1 = start // bs, _blocks(stop, bs)
-            if reference is None:
-                typed = self._alloc_map(d, idx, b0, b1)
-            else:
-                ref = d.index(reference)
-                if ref > idx:
-                    raise ValueError(
-                        f"changed regions of disk {disk_id!r}: reference {reference!r} is newer "
-                        f"than snapshot {snap!r}"
-                    )
-                grown_from = d.snaps[ref].size // bs if size > d.snaps[ref].size else b1
-                changed: set[int] = set()
-                for s in d.snaps[ref:idx]:
-                    changed.update(b for b in s.blocks if b0 <= b < min(b1, grown_from))
-                typed = []
-                for r0, r1 in _block_runs(sorted(changed)):
-                    typed.extend(self._alloc_map(d, idx, r0, r1))
-                if grown_from < b1:
-                    typed.extend(self._alloc_map(d, idx, max(grown_from, b0), b1))
+            with d.files() as files:
+                typed = self._typed_changes(d, files, idx, reference, b0, b1)
         regions = _to_regions(typed, bs, start, stop)
         if limit is not None and len(regions) > limit:
             return ChangedRegions(regions[:limit], size, regions[limit].offset)
@@ -517,11 +513,12 @@ class DiskStore:
         new = sorted({b for b in candidates if b not in newest.blocks})
         if not new:
             return
-        fd = d.fd(newest)
-        for r0, r1 in _block_runs(new):
-            copy_range(d.live_fd, fd, r0 * bs, r1 * bs)
-        if self._sync:
-            os.fsync(fd)
+        with d.files() as files:
+            fd = files.of(newest)
+            for r0, r1 in _block_runs(new):
+                copy_range(d.live_fd, fd, r0 * bs, r1 * bs)
+            if self._sync:
+                os.fsync(fd)
         newest.blocks.update(new)
         self._save_map(d, newest)
 
@@ -540,9 +537,10 @@ class DiskStore:
         end = offset + view.nbytes
         if not view.nbytes:
             return
-        for b0, b1, src in self._runs(d, idx, offset // bs, _blocks(end, bs)):
-            lo, hi = max(b0 * bs, offset), min(b1 * bs, end)
-            pread_into(d.source_fd(src), view[lo - offset : hi - offset], lo)
+        with d.files() as files:
+            for b0, b1, src in self._runs(d, idx, offset // bs, _blocks(end, bs)):
+                lo, hi = max(b0 * bs, offset), min(b1 * bs, end)
+                pread_into(files.source(src), view[lo - offset : hi - offset], lo)
 
     def _runs(self, d: _Disk, idx: int, b0: int, b1: int) -> Iterator[tuple[int, int, int]]:
         """Cover blocks [b0, b1) of snapshot ``idx`` with (start, end, source) runs, in order.
@@ -564,13 +562,15 @@ class DiskStore:
             pieces = _with_gaps(sorted(owner.items()), b0, b1)
         return _coalesce(pieces)
 
-    def _alloc_map(self, d: _Disk, idx: int, b0: int, b1: int) -> list[tuple[int, int, bool]]:
+    def _alloc_map(
+        self, d: _Disk, files: _Files, idx: int, b0: int, b1: int
+    ) -> list[tuple[int, int, bool]]:
         """Tile blocks [b0, b1) of snapshot ``idx`` as (start, end, holds_data) runs."""
         bs = self.block_size
         out: list[tuple[int, int, bool]] = []
         for r0, r1, src in self._runs(d, idx, b0, b1):
             pos = r0
-            for lo, hi in data_segments(d.source_fd(src), r0 * bs, r1 * bs):
+            for lo, hi in data_segments(files.source(src), r0 * bs, r1 * bs):
                 first, last = lo // bs, _blocks(hi, bs)
                 if last <= pos:
                     continue
@@ -581,6 +581,30 @@ class DiskStore:
             if pos < r1:
                 out.append((pos, r1, False))
         return out
+
+    def _typed_changes(
+        self, d: _Disk, files: _Files, idx: int, reference: str | None, b0: int, b1: int
+    ) -> list[tuple[int, int, bool]]:
+        if reference is None:
+            return self._alloc_map(d, files, idx, b0, b1)
+        ref = d.index(reference)
+        if ref > idx:
+            raise ValueError(
+                f"changed regions of disk {d.id!r}: reference {reference!r} is newer than "
+                f"snapshot {d.snaps[idx].id!r}"
+            )
+        bs = self.block_size
+        size, ref_size = d.snaps[idx].size, d.snaps[ref].size
+        grown_from = ref_size // bs if size > ref_size else b1
+        changed: set[int] = set()
+        for s in d.snaps[ref:idx]:
+            changed.update(b for b in s.blocks if b0 <= b < min(b1, grown_from))
+        typed = []
+        for r0, r1 in _block_runs(sorted(changed)):
+            typed.extend(self._alloc_map(d, files, idx, r0, r1))
+        if grown_from < b1:
+            typed.extend(self._alloc_map(d, files, idx, max(grown_from, b0), b1))
+        return typed
 
     def _save_meta(self, d: _Disk) -> None:
         self._save_meta_at(d.path, size=d.size, next_file=d.next_file, snaps=d.snaps)
