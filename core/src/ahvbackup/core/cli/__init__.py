@@ -116,9 +116,10 @@ def plugins(ctx: Context) -> None:
 
 
 from .jobs import backup, list_backups  # noqa: E402 - they need the group defined above
+from .restore import restore, verify  # noqa: E402
 
-cli.add_command(backup)
-cli.add_command(list_backups)
+for _command in (backup, list_backups, restore, verify):
+    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

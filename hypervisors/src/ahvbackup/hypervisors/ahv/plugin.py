@@ -9,6 +9,7 @@ from ahvbackup.core import hookimpl
 
 @hookimpl
 def ahvbackup_cli_commands() -> list[Any]:
+    from .demo import demo
     from .simulator.cli import simulator
 
-    return [simulator]
+    return [simulator, demo]

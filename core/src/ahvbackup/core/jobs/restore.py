@@ -1,0 +1,234 @@
+"""Restore and verify: disk streams from the sink back into disks, checked end to end.
+
+A stream is trusted only once its trailer and digest checked out, so a restore writes into the
+target as it reads and, when the stream turns out damaged, removes the disk it was writing and
+names the failure: nothing partial is passed off as complete.
+"""
+
+from __future__ import annotations
+
+__all__ = ["RestoreJob", "VerifyJob", "pick_backup"]
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..drivers import RestoreTarget, StoredBackup
+from ..errors import AhvBackupError, ConfigError, StreamFormatError, our_errors
+from ..model import DiskInfo
+from ..stream import StreamReader, Trailer
+from .runtime import Runtime
+
+log = logging.getLogger("ahvbackup.restore")
+
+Progress = Callable[[int], None]
+
+
+@dataclass
+class DiskOutcome:
+    label: str
+    ok: bool = False
+    size: int = 0
+    data_bytes: int = 0
+    zero_bytes: int = 0
+    digest: str = ""
+    path: str = ""
+    error: str | None = None
+
+
+@dataclass
+class RestoreOutcome:
+    backup_id: str
+    vm_name: str
+    mode: str  # restore | verify
+    disks: list[DiskOutcome] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.disks) and all(d.ok for d in self.disks)
+
+    @property
+    def failed(self) -> list[str]:
+        return [f"{self.vm_name}/{d.label}" for d in self.disks if not d.ok]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backup_id": self.backup_id, "vm": self.vm_name, "mode": self.mode, "ok": self.ok,
+            "seconds": self.seconds, "failed": self.failed,
+            "disks": [d.__dict__ for d in self.disks],
+        }
+
+
+async def pick_backup(rt: Runtime, *, vm: str | None, backup_id: str | None) -> StoredBackup:
+    """The backup a restore or verify is about: by id, else the newest of `vm`."""
+    if not backup_id and not vm:
+        raise ConfigError("restore: name a backup (--backup ID) or a VM (--vm NAME) to restore")
+    found = await rt.sink.backups(vm)
+    if backup_id:
+        match = [b for b in found if b.backup_id == backup_id]
+        if not match:
+            raise ConfigError(
+                f"backup: no complete backup {backup_id!r}"
+                + (f" of VM {vm!r}" if vm else "") + " in the repository"
+            )
+        return match[0]
+    if not found:
+        raise ConfigError(f"vm: no complete backup of {vm!r} in the repository")
+    return found[-1]
+
+
+def _disk_info(entry: dict[str, Any]) -> DiskInfo:
+    return DiskInfo(
+        uuid=entry["uuid"], bus=entry["bus"], index=int(entry["index"]), size=int(entry["size"]),
+        container=entry.get("container", ""),
+    )
+
+
+def _check_identity(reader: StreamReader, backup: StoredBackup, entry: dict[str, Any]) -> None:
+    h = reader.header
+    want = {"vm_uuid": backup.vm_uuid, "disk_uuid": entry["uuid"], "disk_size": entry["size"],
+            "backup_id": backup.backup_id}
+    got = {"vm_uuid": h.vm_uuid, "disk_uuid": h.disk_uuid, "disk_size": h.disk_size,
+           "backup_id": h.backup_id}
+    wrong = [f"{k} {got[k]!r} (manifest says {want[k]!r})" for k in want if got[k] != want[k]]
+    if wrong:
+        raise StreamFormatError(
+            f"backup {backup.backup_id} disk {entry['label']}: the stream belongs elsewhere: "
+            + "; ".join(wrong)
+        )
+
+
+def _apply(
+    rt: Runtime, backup: StoredBackup, entry: dict[str, Any], target: RestoreTarget | None,
+    dest: Path, outcome: DiskOutcome, progress: Progress,
+) -> None:
+    """Read one stream (blocking: runs in a worker thread) into the target, or just check it."""
+    label = entry["label"]
+    writer = None
+    with rt.sink.open_stream(backup, label) as f:
+        reader = StreamReader(f, name=f"{backup.vm_name}/{label}")
+        _check_identity(reader, backup, entry)
+        outcome.size = reader.header.disk_size
+        if target is not None:
+            writer = target.open_disk(
+                vm_name=backup.vm_name, disk=_disk_info(entry), size=outcome.size, dest=dest
+            )
+        try:
+            for rec in reader:
+                if rec.data is not None:
+                    if writer is not None:
+                        writer.write_at(rec.offset, rec.data)
+                    outcome.data_bytes += rec.length
+                else:
+                    if writer is not None:
+                        writer.zero(rec.offset, rec.length)
+                    outcome.zero_bytes += rec.length
+                progress(rec.length)
+            trailer: Trailer | None = reader.trailer
+            assert trailer is not None
+            outcome.digest = trailer.digest_hex
+        except BaseException:
+            if writer is not None:
+                where = writer.close()
+                Path(where).unlink(missing_ok=True)
+            raise
+    if writer is not None:
+        outcome.path = str(writer.close())
+    outcome.ok = True
+
+
+class _StreamJob:
+    mode = ""
+
+    def __init__(
+        self, rt: Runtime, backup: StoredBackup, *, disks: Sequence[str] = (),
+        progress: Progress | None = None,
+    ) -> None:
+        self.rt = rt
+        self.backup = backup
+        self.progress = progress or (lambda n: None)
+        entries = [d for d in backup.manifest["disks"] if d.get("stream")]
+        if disks:
+            known = {d["label"] for d in entries}
+            unknown = [d for d in disks if d not in known]
+            if unknown:
+                raise ConfigError(
+                    f"restore_disks_only: backup {backup.backup_id} has no disk "
+                    f"{', '.join(unknown)} (it has {', '.join(sorted(known))})"
+                )
+            entries = [d for d in entries if d["label"] in disks]
+        self.entries = entries
+
+    def _target(self) -> RestoreTarget | None:
+        return None
+
+    def _dest(self) -> Path:
+        return Path(".")
+
+    async def run(self) -> RestoreOutcome:
+        started = time.monotonic()
+        out = RestoreOutcome(backup_id=self.backup.backup_id, vm_name=self.backup.vm_name,
+                             mode=self.mode)
+        target = self._target()
+        limiter = trio.CapacityLimiter(max(1, self.rt.config.concurrent_disks))
+        async with trio.open_nursery() as nursery:
+            for entry in self.entries:
+                outcome = DiskOutcome(label=entry["label"])
+                out.disks.append(outcome)
+                nursery.start_soon(self._one, entry, target, outcome, limiter)
+        out.seconds = time.monotonic() - started
+        return out
+
+    async def _one(
+        self, entry: dict[str, Any], target: RestoreTarget | None, outcome: DiskOutcome,
+        limiter: trio.CapacityLimiter,
+    ) -> None:
+        token = trio.lowlevel.current_trio_token()
+
+        def progress(n: int) -> None:
+            trio.from_thread.run_sync(self.progress, n, trio_token=token)
+
+        try:
+            await trio.to_thread.run_sync(
+                _apply, self.rt, self.backup, entry, target, self._dest(), outcome, progress,
+                limiter=limiter, abandon_on_cancel=False,
+            )
+        except (AhvBackupError, BaseExceptionGroup) as err:
+            errors = our_errors(err)
+            if errors is None:
+                raise
+            outcome.error = "; ".join(str(e) for e in errors)
+            log.error("%s %s: %s", self.backup.vm_name, entry["label"], outcome.error)
+        except OSError as err:
+            outcome.error = f"{entry['label']}: {err}"
+            log.error("%s %s: %s", self.backup.vm_name, entry["label"], outcome.error)
+
+
+class RestoreJob(_StreamJob):
+    """Rebuild disks of one backup through a restore target (raw files by default)."""
+
+    mode = "restore"
+
+    def __init__(self, rt: Runtime, backup: StoredBackup, *, dest: Path,
+                 target: RestoreTarget | None = None, **kw: Any) -> None:
+        super().__init__(rt, backup, **kw)
+        self.dest = dest
+        self.target = target or rt.target()
+
+    def _target(self) -> RestoreTarget | None:
+        return self.target
+
+    def _dest(self) -> Path:
+        return self.dest
+
+
+class VerifyJob(_StreamJob):
+    """Read every stream of a backup and check it completely, writing nothing."""
+
+    mode = "verify"
