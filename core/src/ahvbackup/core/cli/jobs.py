@@ -21,6 +21,14 @@ from .progress import Meter
 
 def _human_result(res: dict[str, Any]) -> str:
     lines = []
+    if res["mode"] == "estimate":
+        for vm in res["vms"]:
+            for d in vm["disks"]:
+                lines.append(f"{vm['vm_name']:<24} {d['label']:<8} size={d['size']:>15,} "
+                             f"to read={d['estimated_bytes']:>15,}")
+        total = sum(d["estimated_bytes"] for vm in res["vms"] for d in vm["disks"])
+        lines.append(f"{len(res['vms'])} VM(s): a full backup would read {total:,} bytes")
+        return "\n".join(lines)
     for vm in res["vms"]:
         state = "ok" if vm["ok"] else "FAILED"
         read = sum(d["bytes_read"] for d in vm["disks"])
@@ -51,11 +59,16 @@ def finish(ctx: Context, result: JobResult) -> None:
 @config_options
 @click.option("--level", type=click.Choice(["full", "incremental", "differential"]),
               help="Backup level (overrides the level= key).")
+@click.option("--estimate", is_flag=True,
+              help="Report what a backup would read, per VM and disk, without reading data "
+                   "(mode=estimate).")
 @pass_context
 def backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
-           plugin_string: str | None, level: str | None) -> None:
+           plugin_string: str | None, level: str | None, estimate: bool) -> None:
     """Back up the VMs the configuration selects (vm=, exclude=, cluster=)."""
     overrides: dict[str, object] = {"level": level} if level else {}
+    if estimate:
+        overrides["mode"] = "estimate"
     cfg = load_job_config(
         configs=configs, sets=sets, plugin_string=plugin_string, hooks=ctx.hooks,
         verbose=ctx.verbose, overrides=overrides, require=("prism_central", "user", "password"),

@@ -41,6 +41,10 @@ class BackupJob:
         self.rt = rt
         self.cfg = rt.config
         self.progress = progress or (lambda n: None)
+        if self.cfg.mode not in ("backup", "estimate"):
+            raise ConfigError(
+                f"mode: {self.cfg.mode!r} is not a backup mode (use backup or estimate)"
+            )
         if self.cfg.level != "full":
             raise ConfigError(
                 f"level: {self.cfg.level!r} backups are not available yet; use level=full"
@@ -67,13 +71,16 @@ class BackupJob:
                     log.warning("%s", w)
                 result.warnings += warnings
                 log.info(msgs.selected_vms(len(vms), [v.name for v in vms]))
-                datapath = await resolve_data_path(cfg, session)
-                limiter = trio.CapacityLimiter(cfg.concurrent_vms)
+                datapath = (
+                    None if cfg.mode == "estimate" else await resolve_data_path(cfg, session)
+                )
+                slots = trio.Semaphore(cfg.concurrent_vms)
                 async with trio.open_nursery() as nursery:
-                    for vm in vms:
+                    for vm in vms:  # started in selection order, at most concurrent_vms at once
                         vr = VmResult(vm_uuid=vm.uuid, vm_name=vm.name)
                         result.vms.append(vr)
-                        nursery.start_soon(self._vm, session, datapath, vm, vr, limiter)
+                        await slots.acquire()
+                        nursery.start_soon(self._vm, session, datapath, vm, vr, slots)
         finally:
             result.seconds = time.monotonic() - started
             rt.hooks.job_finished(
@@ -82,11 +89,11 @@ class BackupJob:
         return result
 
     async def _vm(
-        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, vr: VmResult,
-        limiter: trio.CapacityLimiter,
+        self, session: HypervisorSession, datapath: DataPath | None, vm: VmInfo, vr: VmResult,
+        slots: trio.Semaphore,
     ) -> None:
         rt = self.rt
-        async with limiter:
+        try:
             rt.hooks.vm_started(job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name)
             try:
                 await self._vm_locked(session, datapath, vm, vr)
@@ -101,6 +108,8 @@ class BackupJob:
                 job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name, ok=vr.ok,
                 bytes_stored=vr.bytes_stored, error=vr.error,
             )
+        finally:
+            slots.release()
 
     def _consistency(self, vm: VmInfo, vr: VmResult) -> bool:
         """Whether to ask for an application-consistent snapshot (application_consistent=...)."""
@@ -121,7 +130,7 @@ class BackupJob:
         return False
 
     async def _vm_locked(
-        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, vr: VmResult
+        self, session: HypervisorSession, datapath: DataPath | None, vm: VmInfo, vr: VmResult
     ) -> None:
         rt, cfg = self.rt, self.cfg
         backup_id = new_backup_id()
@@ -137,16 +146,21 @@ class BackupJob:
                 job_id=rt.job_id, vm_uuid=vm.uuid, snapshot_id=snap.id,
                 consistency=snap.consistency,
             )
+            if cfg.mode == "estimate":
+                await self._estimate(session, snap, vr)
+                return
+            assert datapath is not None
             writer = await rt.sink.begin(vm, backup_id=backup_id, level=cfg.level)
             try:
-                limiter = trio.CapacityLimiter(cfg.concurrent_disks)
+                slots = trio.Semaphore(cfg.concurrent_disks)
                 async with trio.open_nursery() as nursery:
-                    for disk in snap.disks:
+                    for disk in snap.disks:  # in disk order, at most concurrent_disks at once
                         dr = DiskResult(label=disk.disk.label, size=disk.size)
                         vr.disks.append(dr)
+                        await slots.acquire()
                         nursery.start_soon(
                             self._disk, session, datapath, vm, snap, disk, writer, dr, backup_id,
-                            limiter,
+                            slots,
                         )
                 failed = [d.label for d in vr.disks if not d.ok]
                 if failed:
@@ -174,13 +188,28 @@ class BackupJob:
         ))
         log.info(msgs.backup_complete(vm.name, len(vr.disks), vr.bytes_read, vr.bytes_stored))
 
+    async def _estimate(self, session: HypervisorSession, snap: VmSnapshot, vr: VmResult) -> None:
+        """mode=estimate: what a backup would read, from the region maps alone."""
+        for disk in snap.disks:
+            dr = DiskResult(label=disk.disk.label, size=disk.size, ok=True)
+            async for region in session.regions(disk):
+                if region.zero:
+                    dr.zero_bytes += region.length
+                else:
+                    dr.estimated_bytes += region.length
+            vr.disks.append(dr)
+        vr.ok = True
+        log.info("estimate: VM %s disks=%d would read %d bytes of %d", vr.vm_name,
+                 len(vr.disks), sum(d.estimated_bytes for d in vr.disks),
+                 sum(d.size for d in vr.disks))
+
     async def _disk(
         self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot,
         disk: DiskSnapshot, writer: BackupWriter, dr: DiskResult, backup_id: str,
-        limiter: trio.CapacityLimiter,
+        slots: trio.Semaphore,
     ) -> None:
         rt, cfg = self.rt, self.cfg
-        async with limiter:
+        try:
             rt.hooks.disk_started(job_id=rt.job_id, vm_name=vm.name, disk=dr.label, size=disk.size)
             try:
                 async with ReleaseStack(
@@ -205,6 +234,8 @@ class BackupJob:
                 job_id=rt.job_id, vm_name=vm.name, disk=dr.label, ok=dr.ok,
                 bytes_read=dr.bytes_read, bytes_stored=dr.bytes_stored,
             )
+        finally:
+            slots.release()
 
     async def _stream_disk(
         self, session: HypervisorSession, vm: VmInfo, snap: VmSnapshot, disk: DiskSnapshot,

@@ -16,6 +16,7 @@ class DiskResult:
     bytes_read: int = 0
     bytes_stored: int = 0
     zero_bytes: int = 0
+    estimated_bytes: int = 0  # mode=estimate: allocated bytes a backup would read
     error: str | None = None
 
 

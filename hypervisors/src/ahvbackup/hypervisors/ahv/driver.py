@@ -29,6 +29,8 @@ log = logging.getLogger("ahvbackup.ahv")
 
 SNAPSHOT_TIMEOUT = 900.0
 IMAGE_TIMEOUT = 900.0
+#: first poll of a task or snapshot; it backs off to the client's cap from there
+POLL = 0.1
 
 
 def vm_info(vm: Vm, clusters: dict[str, Cluster]) -> VmInfo:
@@ -79,7 +81,7 @@ class AhvSession(HypervisorSession):
         self._snapshot_cluster[snap_id] = vm.cluster_uuid
         kind = "APPLICATION_CONSISTENT" if application_consistent else "CRASH_CONSISTENT"
         await pe.create_vm_snapshot(vm.uuid, name=name, snapshot_type=kind, uuid=snap_id)
-        snap = await pe.wait_vm_snapshot(snap_id, timeout=SNAPSHOT_TIMEOUT)
+        snap = await pe.wait_vm_snapshot(snap_id, timeout=SNAPSHOT_TIMEOUT, poll=POLL)
         files = {f.vmdisk_uuid: f.snapshot_file_path for f in snap.files}
         missing = [d.label for d in vm.disks if d.uuid not in files]
         if missing:
@@ -121,7 +123,7 @@ class AhvSession(HypervisorSession):
             description="temporary: ahvbackup REST read of a snapshot disk",
         )
         if created.task_uuid:
-            await pc.wait_task(created.task_uuid, timeout=IMAGE_TIMEOUT)
+            await pc.wait_task(created.task_uuid, timeout=IMAGE_TIMEOUT, poll=POLL)
         image = await pc.get_image(image_id)
         if self._data_client is None:
             self._data_client = pc.data_client()
@@ -136,11 +138,11 @@ class AhvSession(HypervisorSession):
                 pe = await self.prism.pe(record.scope["cluster"])
                 task = await pe.delete_vm_snapshot(record.resource_id)
                 if task:
-                    await pe.wait_task(task)
+                    await pe.wait_task(task, poll=POLL)
             elif record.kind == "image":
                 task = await self.prism.pc.delete_image(record.resource_id)
                 if task:
-                    await self.prism.pc.wait_task(task)
+                    await self.prism.pc.wait_task(task, poll=POLL)
             else:
                 raise HypervisorError(f"ahv: cannot release a {record.kind!r} resource")
         except ApiNotFoundError:
