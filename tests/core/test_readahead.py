@@ -46,7 +46,9 @@ async def collect(reader: BytesReader, regions: list[Region], chunk: int, inflig
                                          inflight=inflight, out=send))
         async with recv:
             async for c in recv:
-                got.append(c)
+                kept = Chunk(c.offset, c.length, None if c.data is None else memoryview(bytes(c.data)))
+                c.release()
+                got.append(kept)
     return got
 
 
@@ -73,6 +75,21 @@ async def test_chunks_arrive_in_order_with_bounded_concurrency() -> None:
     expect[20000:30000] = bytes(10000)
     assert rebuilt == expect
     assert 1 < reader.peak <= 5
+
+
+async def test_memory_is_a_fixed_pool_whatever_the_disk_size() -> None:
+    reader = BytesReader(os.urandom(256 * 1024))
+    seen: set[int] = set()
+    send, recv = trio.open_memory_channel[Chunk](0)
+    async with trio.open_nursery() as n:
+        n.start_soon(lambda: read_chunks(reader, regions_of([Region(0, 256 * 1024)]),
+                                         chunk_size=4096, inflight=3, out=send, spare=2))
+        async with recv:
+            async for c in recv:
+                assert c.data is not None
+                seen.add(id(c.data.obj))
+                c.release()
+    assert len(seen) <= 5  # 64 chunks went through 3 + 2 buffers
 
 
 async def test_a_failed_read_stops_the_disk_with_its_error() -> None:

@@ -165,7 +165,11 @@ class BackupWriter(abc.ABC):
 
     @abc.abstractmethod
     async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
-        """Store one disk stream; returns the bytes stored."""
+        """Store one disk stream; returns the bytes stored.
+
+        Take one item at a time and be done with it before asking for the next: an item's
+        buffer is reused once the next one is requested (that is what keeps memory flat).
+        """
 
     @abc.abstractmethod
     async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup: ...

@@ -245,7 +245,8 @@ class BackupJob:
         chunk_size = cfg.chunk_size_mib * 1024 * 1024
         inflight = max(2, min(8, (64 << 20) // chunk_size))
         chunks_send, chunks_recv = trio.open_memory_channel[Chunk](2)
-        bytes_send, bytes_recv = trio.open_memory_channel[bytes | memoryview](4)
+        # unbuffered: the encoder recycles a buffer once the sink asked for the next item
+        bytes_send, bytes_recv = trio.open_memory_channel[bytes | memoryview](0)
         header = StreamHeader(
             kind="full", vm_uuid=vm.uuid, vm_name=vm.name, disk_uuid=disk.disk.uuid,
             disk_label=dr.label, disk_bus=disk.disk.bus.lower(), disk_index=disk.disk.index,

@@ -1,13 +1,14 @@
 """Read a disk's regions in order with several reads in flight and bounded memory.
 
 A starter task walks the region map, splits it at chunk boundaries and starts one read per
-chunk; the slots travel in order through a bounded channel, so at most `inflight` chunks are
-held in memory whatever the disk size, and the consumer gets them in disk order.
+chunk into a buffer from a fixed pool; the chunks travel in order through a bounded channel, and
+each buffer goes back to the pool when its consumer calls `Chunk.release()`. Memory is the pool,
+whatever the disk size, and no buffer is allocated (or page-faulted) per chunk.
 """
 
 from __future__ import annotations
 
-__all__ = ["Chunk", "read_chunks"]
+__all__ = ["BufferPool", "Chunk", "read_chunks"]
 
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
@@ -19,13 +20,39 @@ from ..errors import AhvBackupError, DataPathError
 from ..model import Region
 
 
+class BufferPool:
+    """`count` buffers of `size` bytes; `acquire` waits for a free one."""
+
+    def __init__(self, *, size: int, count: int) -> None:
+        self.size = size
+        self._free = [bytearray(size) for _ in range(count)]
+        self._available = trio.Semaphore(count)
+
+    async def acquire(self) -> bytearray:
+        await self._available.acquire()
+        return self._free.pop()
+
+    def release(self, buf: bytearray) -> None:
+        self._free.append(buf)
+        self._available.release()
+
+
 @dataclass
 class Chunk:
     offset: int
     length: int
-    data: bytearray | None = None  # None: a zero region (nothing was read)
+    data: memoryview | None = None  # None: a zero region (nothing was read)
     done: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
+    _buf: bytearray | None = None
+    _pool: BufferPool | None = None
+
+    def release(self) -> None:
+        """Give the buffer back; `data` must not be used afterwards. Idempotent."""
+        if self._pool is not None and self._buf is not None:
+            self.data = None
+            self._pool.release(self._buf)
+            self._buf = None
 
 
 def split(region: Region, chunk_size: int) -> list[Region]:
@@ -42,7 +69,7 @@ def split(region: Region, chunk_size: int) -> list[Region]:
 async def _read(reader: DiskReader, chunk: Chunk) -> None:
     try:
         assert chunk.data is not None
-        await reader.read_into(chunk.offset, memoryview(chunk.data))
+        await reader.read_into(chunk.offset, chunk.data)
     except AhvBackupError as err:
         chunk.error = err
     except OSError as err:
@@ -55,6 +82,7 @@ async def _start(
     reader: DiskReader,
     regions: AsyncIterable[Region],
     chunk_size: int,
+    pool: BufferPool,
     nursery: trio.Nursery,
     send: trio.MemorySendChannel[Chunk],
 ) -> None:
@@ -66,7 +94,9 @@ async def _start(
                         chunk = Chunk(piece.offset, piece.length)
                         chunk.done.set()
                     else:
-                        chunk = Chunk(piece.offset, piece.length, bytearray(piece.length))
+                        buf = await pool.acquire()
+                        chunk = Chunk(piece.offset, piece.length, memoryview(buf)[: piece.length],
+                                      _buf=buf, _pool=pool)
                         nursery.start_soon(_read, reader, chunk)
                     await send.send(chunk)
         except AhvBackupError as err:  # the region map failed: hand the error on in order
@@ -82,18 +112,25 @@ async def read_chunks(
     chunk_size: int,
     inflight: int,
     out: trio.MemorySendChannel[Chunk],
+    spare: int = 4,
 ) -> None:
-    """Send every chunk, read, to `out` in disk order; raise the first error (unwrapped)."""
+    """Send every chunk, read, to `out` in disk order; raise the first error (unwrapped).
+
+    At most `inflight` reads run at once. The consumer calls `Chunk.release()` when done with
+    a chunk's data; `spare` more buffers cover the chunks it holds (in `out` and in hand).
+    """
     error: BaseException | None = None
+    pool = BufferPool(size=chunk_size, count=inflight + spare)
     async with out:
         async with trio.open_nursery() as nursery:
             send, recv = trio.open_memory_channel[Chunk](max(0, inflight - 1))
-            nursery.start_soon(_start, reader, regions, chunk_size, nursery, send)
+            nursery.start_soon(_start, reader, regions, chunk_size, pool, nursery, send)
             async with recv:
                 async for chunk in recv:
                     await chunk.done.wait()
                     if chunk.error is not None:
                         error = chunk.error
+                        chunk.release()
                         nursery.cancel_scope.cancel()
                         break
                     await out.send(chunk)
