@@ -850,7 +850,9 @@ class IscsiSession:
             except _Lost as lost:
                 losses += 1
                 if losses > self.reconnect_attempts:
-                    raise IscsiConnectionError(
+                    kind = type(lost.error) if isinstance(lost.error, IscsiProtocolError) \
+                        else IscsiConnectionError
+                    raise kind(
                         f"iSCSI {self.label}: {what} failed: {lost.error} (gave up after "
                         f"{losses - 1} reconnects)") from lost.error
                 await self._reconnect(conn)

@@ -232,6 +232,9 @@ class LoginExchange:
             why += "; the target requires CHAP and no CHAP credentials were given"
         elif auth and self.chap is not None and status_detail == 0x01:
             why += f"; check CHAP user {self.chap.user!r} and its secret"
+            if self.mutual is not None:
+                why += (" (with mutual CHAP, also whether the target has an outgoing account "
+                        "to answer our challenge)")
         return self._fail(step, why, auth=auth, status=(status_class, status_detail))
 
     def feed(self, *, csg: int, nsg: int, transit: bool,
