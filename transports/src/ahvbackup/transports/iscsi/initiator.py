@@ -769,7 +769,7 @@ class IscsiSession:
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def _run(self, conn: _Connection, cdb: bytes, *, lun: int,
+    async def _run(self, conn: _Connection, cdb: bytes, *, lun: int, what: str,
                    into: memoryview | None, write: memoryview | None) -> _Task:
         """One attempt of one command on one connection."""
         task = conn.new_task(into)
@@ -810,8 +810,7 @@ class IscsiSession:
                 if not task.sent:
                     conn.tasks.pop(task.itt, None)
                 elif conn.receiving is task or write is not None:
-                    conn.fail(IscsiConnectionError(
-                        f"iSCSI {self.label}: command abandoned while its data was moving"))
+                    conn.fail(self._abandoned(what))
         if task.error is not None:
             raise _Lost(task.error)
         return task
@@ -841,7 +840,8 @@ class IscsiSession:
             task: _Task | None = None
             try:
                 with trio.move_on_after(self.command_timeout) as scope:
-                    task = await self._run(conn, cdb, lun=the_lun, into=into, write=write)
+                    task = await self._run(conn, cdb, lun=the_lun, what=what, into=into,
+                                           write=write)
                 if scope.cancelled_caught:
                     conn.fail(IscsiConnectionError(
                         f"iSCSI {self.label}: {what} got no answer within "
@@ -881,6 +881,15 @@ class IscsiSession:
                 f"iSCSI {self.label} LUN {the_lun}: {what} failed: {name}"
                 + (f", {sense}" if sense is not None else ""),
                 status=task.status, sense=sense)
+
+    def _abandoned(self, what: str) -> IscsiConnectionError:
+        """Why a connection is dropped under a command that stopped waiting for its answer."""
+        scope_deadline = trio.current_effective_deadline()
+        if trio.current_time() >= scope_deadline:
+            return IscsiConnectionError(f"iSCSI {self.label}: {what} got no answer within "
+                                        f"{self.command_timeout:g} s")
+        return IscsiConnectionError(f"iSCSI {self.label}: {what} was cancelled while its data "
+                                    "was moving")
 
     def _unit_attention(self, sense: scsi.Sense) -> None:
         log.info("iscsi: %s: unit attention: %s", self.label, sense)
