@@ -57,11 +57,15 @@ class Driver(abc.ABC):
 
 @dataclass(frozen=True)
 class HttpSource:
-    """A disk made readable over HTTP ranges (AHV: an image materialised from a snapshot)."""
+    """A disk made readable over HTTP ranges (AHV: an image materialised from a snapshot).
+
+    `headers` carry the credentials (never shown); `ssl_context` is None for plain http.
+    """
 
     url: str
     size: int
-    client: Any = field(repr=False)  # an httpx.AsyncClient with auth and TLS already set up
+    headers: Mapping[str, str] = field(repr=False, default_factory=dict)
+    ssl_context: Any = field(repr=False, default=None)
 
 
 class HypervisorSession(abc.ABC):

@@ -215,7 +215,9 @@ class BackupJob:
                 async with ReleaseStack(
                     rt.ledger, owner=rt.job_id, releaser=session.release
                 ) as stack:
+                    t0 = time.monotonic()
                     reader = await datapath.open(session, disk, stack=stack)
+                    t1 = time.monotonic()
                     try:
                         dr.bytes_stored = await self._stream_disk(
                             session, vm, snap, disk, reader, writer, dr, backup_id
@@ -223,7 +225,13 @@ class BackupJob:
                     finally:
                         with trio.CancelScope(shield=True):
                             await reader.aclose()
+                    t2 = time.monotonic()
                 dr.ok = True
+                log.debug(
+                    "VM %s disk %s: staged in %.2fs, read %d bytes in %.2fs (%.0f MB/s), "
+                    "released in %.2fs", vm.name, dr.label, t1 - t0, dr.bytes_read, t2 - t1,
+                    dr.bytes_read / max(t2 - t1, 1e-9) / 1e6, time.monotonic() - t2,
+                )
             except (AhvBackupError, BaseExceptionGroup) as err:
                 errors = our_errors(err)
                 if errors is None:

@@ -55,7 +55,6 @@ class AhvSession(HypervisorSession):
         self.prism = prism
         self.config = config
         self._clusters: dict[str, Cluster] = {}
-        self._data_client: Any = None
         self._snapshot_cluster: dict[str, str] = {}
 
     async def _aos_clusters(self) -> dict[str, Cluster]:
@@ -125,11 +124,10 @@ class AhvSession(HypervisorSession):
         if created.task_uuid:
             await pc.wait_task(created.task_uuid, timeout=IMAGE_TIMEOUT, poll=POLL)
         image = await pc.get_image(image_id)
-        if self._data_client is None:
-            self._data_client = pc.data_client()
+        headers, ssl_context = pc.data_access()
         return HttpSource(
             url=pc.image_file_url(image_id), size=image.size_bytes or disk.size,
-            client=self._data_client,
+            headers=headers, ssl_context=ssl_context,
         )
 
     async def release(self, record: Record) -> None:
@@ -148,9 +146,6 @@ class AhvSession(HypervisorSession):
         except ApiNotFoundError:
             log.debug("%s was already gone", record.describe())
 
-    async def aclose(self) -> None:
-        if self._data_client is not None:
-            await self._data_client.aclose()
 
 
 class AhvHypervisor(Hypervisor):
@@ -180,8 +175,4 @@ class AhvHypervisor(Hypervisor):
             self._pc_url(), user=cfg.user, password=cfg.password, verify=self._verify(),
             rate_rpm=cfg.prism_rate_rpm,
         ) as prism:
-            session = AhvSession(prism, cfg)
-            try:
-                yield session
-            finally:
-                await session.aclose()
+            yield AhvSession(prism, cfg)

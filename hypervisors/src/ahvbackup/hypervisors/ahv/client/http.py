@@ -353,10 +353,7 @@ class PrismHttp:
                 self.host,
             )
         inner = transport or httpx.AsyncHTTPTransport(verify=_ssl_context(verify), retries=0)
-        self._data_transport = transport or httpx.AsyncHTTPTransport(
-            verify=_ssl_context(verify), retries=0,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=32),
-        )
+        self._verify = verify
         self.http = httpx.AsyncClient(
             base_url=self.base_url,
             auth=self.auth,
@@ -367,18 +364,22 @@ class PrismHttp:
             follow_redirects=False,
         )
 
-    def data_client(self) -> httpx.AsyncClient:
-        """A client for bulk disk bytes (image ranges): same auth, session and TLS, but outside
-        the API rate limit, which is for control-plane calls. The caller closes it."""
-        return httpx.AsyncClient(
-            base_url=self.base_url,
-            auth=self.auth,
-            transport=self._data_transport,
-            timeout=self.http.timeout,
-            cookies=_refuse_all_cookies(),
-            headers={"User-Agent": "ahvbackup"},
-            follow_redirects=False,
-        )
+    def data_access(self) -> tuple[dict[str, str], ssl.SSLContext | None]:
+        """Headers and TLS context for bulk disk bytes (image ranges), which the data path
+        reads with its own connections: outside the API rate limit (meant for control-plane
+        calls), straight into its buffers. The headers carry credentials: never log them."""
+        headers = {"Authorization": self.auth._basic(), "User-Agent": "ahvbackup"}
+        if not self.base_url.startswith("https:"):
+            return headers, None
+        ctx = _ssl_context(self._verify)
+        if ctx is True:
+            ctx = ssl.create_default_context()
+        elif ctx is False:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        assert isinstance(ctx, ssl.SSLContext)
+        return headers, ctx
 
     async def __aenter__(self) -> PrismHttp:
         return self
