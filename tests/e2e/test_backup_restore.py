@@ -55,6 +55,7 @@ async def test_concurrency_limits_are_honoured(world: World) -> None:
     for n in range(4):
         world.add_vm(f"c{n}", [(16 * MiB, [(0, 8 * MiB)]), (16 * MiB, [(0, 8 * MiB)])])
     world.sim.faults.add(method="GET", path=r"/images/.*/file", latency=0.05, count=10_000)
+    world.sim.task_seconds = 0.4  # snapshots long enough that two VMs' creations must overlap
     world.sim.stats.reset()
     rt = Runtime.from_config(world.config(vm="c*", concurrent_vms=1, concurrent_disks=1,
                                           chunk_size_mib=1))
@@ -93,6 +94,20 @@ async def test_app_consistent_try_falls_back_with_a_warning(world: World) -> Non
     assert result.ok
     assert result.vms[0].consistency == "crash"
     assert any("crash-consistent" in w for w in result.vms[0].warnings)
+
+
+async def test_app_consistent_try_retries_crash_consistent_when_quiescing_fails(
+    world: World,
+) -> None:
+    world.add_vm("vss", [(4 * MiB, [(0, MiB)])], ngt=True)
+    # VSS fails inside the guest: the snapshot task ends in ERROR
+    world.sim.faults.add(method="POST", path=r"/vm_snapshots$", task_fail=True, count=1)
+    rt = Runtime.from_config(world.config(vm="vss", application_consistent="try"))
+    result = await BackupJob(rt).run()
+    assert result.ok
+    assert result.vms[0].consistency == "crash"
+    assert any("application-consistent snapshot failed" in w for w in result.vms[0].warnings)
+    assert world.sim.snapshots == {}
 
 
 async def test_a_failing_disk_fails_its_vm_and_the_others_go_on(world: World) -> None:

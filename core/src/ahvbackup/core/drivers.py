@@ -139,6 +139,11 @@ class DataPath(Driver):
 
     kind: ClassVar[str] = "datapath"
 
+    def read_size(self) -> int:
+        """Bytes per read. By default the configured chunk (`chunk_size_mib`, which the
+        whitepaper defines for iSCSI); a path with a high per-request cost may read more."""
+        return int(self.config.chunk_size_mib) << 20
+
     @abc.abstractmethod
     async def open(
         self, session: HypervisorSession, disk: DiskSnapshot, *, stack: ReleaseStack

@@ -132,9 +132,16 @@ class RestDiskReader(DiskReader):
             conn.close()
 
 
+#: each range is an HTTP request Prism must route and authenticate: fewer, larger ones
+MIN_READ = 4 << 20
+
+
 class RestDataPath(DataPath):
     name = "rest"
     summary = "image download over HTTP ranges (works everywhere Prism does)"
+
+    def read_size(self) -> int:
+        return max(super().read_size(), MIN_READ)
 
     async def open(
         self, session: HypervisorSession, disk: DiskSnapshot, *, stack: ReleaseStack

@@ -19,12 +19,12 @@ import trio
 
 from .. import __version__, log as msgs
 from ..drivers import BackupWriter, DataPath, HypervisorSession
-from ..errors import AhvBackupError, ConfigError, our_errors
+from ..errors import AhvBackupError, ConfigError, HypervisorError, our_errors
 from ..ledger import ReleaseStack
 from ..model import DiskSnapshot, VmInfo, VmSnapshot
 from ..repository import new_backup_id
 from ..state import DiskState, VmState
-from ..stream import StreamHeader
+from ..stream import MAX_DATA_LENGTH, StreamHeader
 from .encode import encode_disk
 from .readahead import Chunk, read_chunks
 from .results import DiskResult, JobResult, VmResult
@@ -32,6 +32,9 @@ from .runtime import Runtime, resolve_data_path
 from .selection import select_vms
 
 log = logging.getLogger("ahvbackup.backup")
+
+#: bytes of reads in flight per disk (memory per disk is this plus two chunks)
+READ_WINDOW = 32 << 20
 
 Progress = Callable[[int], None]
 
@@ -137,10 +140,21 @@ class BackupJob:
         created = time.time()
         app = self._consistency(vm, vr)
         async with ReleaseStack(rt.ledger, owner=rt.job_id, releaser=session.release) as stack:
-            snap = await session.snapshot_vm(
-                vm, application_consistent=app, name=f"ahvbackup-{rt.job_id}-{vm.name}",
-                stack=stack,
-            )
+            name = f"ahvbackup-{rt.job_id}-{vm.name}"
+            try:
+                snap = await session.snapshot_vm(
+                    vm, application_consistent=app, name=name, stack=stack
+                )
+            except HypervisorError as err:
+                if not (app and cfg.application_consistent == "try"):
+                    raise
+                warning = (f"VM {vm.name}: application-consistent snapshot failed ({err}); "
+                           "taking a crash-consistent snapshot instead")
+                log.warning("%s", warning)
+                vr.warnings.append(warning)
+                snap = await session.snapshot_vm(
+                    vm, application_consistent=False, name=name, stack=stack
+                )
             vr.consistency = snap.consistency
             rt.hooks.snapshot_created(
                 job_id=rt.job_id, vm_uuid=vm.uuid, snapshot_id=snap.id,
@@ -220,13 +234,14 @@ class BackupJob:
                     t1 = time.monotonic()
                     try:
                         dr.bytes_stored = await self._stream_disk(
-                            session, vm, snap, disk, reader, writer, dr, backup_id
+                            session, datapath, vm, snap, disk, reader, writer, dr, backup_id
                         )
                     finally:
                         with trio.CancelScope(shield=True):
                             await reader.aclose()
                     t2 = time.monotonic()
                 dr.ok = True
+                dr.read_seconds = round(t2 - t1, 3)
                 log.debug(
                     "VM %s disk %s: staged in %.2fs, read %d bytes in %.2fs (%.0f MB/s), "
                     "released in %.2fs", vm.name, dr.label, t1 - t0, dr.bytes_read, t2 - t1,
@@ -246,13 +261,13 @@ class BackupJob:
             slots.release()
 
     async def _stream_disk(
-        self, session: HypervisorSession, vm: VmInfo, snap: VmSnapshot, disk: DiskSnapshot,
+        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot, disk: DiskSnapshot,
         reader: Any, writer: BackupWriter, dr: DiskResult, backup_id: str,
     ) -> int:
         cfg = self.cfg
-        chunk_size = cfg.chunk_size_mib * 1024 * 1024
-        inflight = max(2, min(8, (64 << 20) // chunk_size))
-        chunks_send, chunks_recv = trio.open_memory_channel[Chunk](2)
+        chunk_size = min(datapath.read_size(), MAX_DATA_LENGTH)
+        inflight = max(2, min(8, READ_WINDOW // chunk_size))
+        chunks_send, chunks_recv = trio.open_memory_channel[Chunk](0)
         # unbuffered: the encoder recycles a buffer once the sink asked for the next item
         bytes_send, bytes_recv = trio.open_memory_channel[bytes | memoryview](0)
         header = StreamHeader(
@@ -273,7 +288,7 @@ class BackupJob:
             nursery.start_soon(
                 lambda: read_chunks(
                     reader, session.regions(disk), chunk_size=chunk_size, inflight=inflight,
-                    out=chunks_send,
+                    out=chunks_send, spare=2,
                 )
             )
             nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk)

@@ -17,6 +17,7 @@ class DiskResult:
     bytes_stored: int = 0
     zero_bytes: int = 0
     estimated_bytes: int = 0  # mode=estimate: allocated bytes a backup would read
+    read_seconds: float = 0.0  # from the first read to the stream's end (staging excluded)
     error: str | None = None
 
 
