@@ -12,7 +12,7 @@ __all__ = ["BackupJob"]
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import trio
@@ -40,10 +40,15 @@ Progress = Callable[[int], None]
 
 
 class BackupJob:
-    def __init__(self, rt: Runtime, *, progress: Progress | None = None) -> None:
+    def __init__(
+        self, rt: Runtime, *, progress: Progress | None = None, disks: Sequence[str] = ()
+    ) -> None:
+        """`disks` limits the backup to these disk labels (e.g. ``scsi.0``; bpipe backs up one
+        disk per FileSet line); by default every disk of every selected VM."""
         self.rt = rt
         self.cfg = rt.config
         self.progress = progress or (lambda n: None)
+        self.disks = tuple(disks)
         if self.cfg.mode not in ("backup", "estimate"):
             raise ConfigError(
                 f"mode: {self.cfg.mode!r} is not a backup mode (use backup or estimate)"
@@ -165,10 +170,11 @@ class BackupJob:
                 return
             assert datapath is not None
             writer = await rt.sink.begin(vm, backup_id=backup_id, level=cfg.level)
+            wanted = self._wanted_disks(vm, snap)
             try:
                 slots = trio.Semaphore(cfg.concurrent_disks)
                 async with trio.open_nursery() as nursery:
-                    for disk in snap.disks:  # in disk order, at most concurrent_disks at once
+                    for disk in wanted:  # in disk order, at most concurrent_disks at once
                         dr = DiskResult(label=disk.disk.label, size=disk.size)
                         vr.disks.append(dr)
                         await slots.acquire()
@@ -198,9 +204,21 @@ class BackupJob:
                     handle=d.handle, backup_id=backup_id, full_backup_id=backup_id,
                 )
                 for d in snap.disks
+                if any(r.label == d.disk.label for r in vr.disks)
             },
         ))
         log.info(msgs.backup_complete(vm.name, len(vr.disks), vr.bytes_read, vr.bytes_stored))
+
+    def _wanted_disks(self, vm: VmInfo, snap: VmSnapshot) -> list[DiskSnapshot]:
+        if not self.disks:
+            return list(snap.disks)
+        labels = [d.disk.label for d in snap.disks]
+        unknown = [d for d in self.disks if d not in labels]
+        if unknown:
+            raise ConfigError(
+                f"VM {vm.name} has no disk {', '.join(unknown)} (it has {', '.join(labels)})"
+            )
+        return [d for d in snap.disks if d.disk.label in self.disks]
 
     async def _estimate(self, session: HypervisorSession, snap: VmSnapshot, vr: VmResult) -> None:
         """mode=estimate: what a backup would read, from the region maps alone."""
@@ -324,6 +342,7 @@ class BackupJob:
                     "reference_backup": None,
                 }
                 for d in snap.disks
+                if d.disk.label in by_label
             ],
         }
 
