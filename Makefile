@@ -7,11 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint typecheck dev clean
 
-$(STAMP): requirements-dev.txt $(foreach a,$(AREAS),$(a)/pyproject.toml)
+$(STAMP): requirements-dev.txt $(foreach a,$(AREAS),$(a)/pyproject.toml) examples/ahvbackup-example-target/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (ahvbackup needs Python 3.11+; set PYTHON=...)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -m pip install -q $(foreach a,$(AREAS),-e ./$(a)) -r requirements-dev.txt
+	$(PY) -m pip install -q -e ./examples/ahvbackup-example-target
 	touch $@
 
 dev: $(STAMP)

@@ -104,12 +104,10 @@ def plugins(ctx: Context) -> None:
     def human(rows: list[dict[str, str]]) -> str:
         if not rows:
             return "no plugins installed"
-        lines = [f"{'GROUP':<22} {'NAME':<12} {'DISTRIBUTION':<22} {'VERSION':<9} TARGET"]
-        lines += [
-            f"{r['group']:<22} {r['name']:<12} {r['distribution']:<22} {r['version']:<9} "
-            f"{r['target']}"
-            for r in rows
-        ]
+        cols = ("group", "name", "distribution", "version", "target")
+        width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+        lines = ["  ".join(c.upper().ljust(width[c]) for c in cols).rstrip()]
+        lines += ["  ".join(r[c].ljust(width[c]) for c in cols).rstrip() for r in rows]
         return "\n".join(lines)
 
     emit(ctx, rows, human)
