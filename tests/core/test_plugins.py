@@ -1,4 +1,5 @@
-"""The plugin model: driver selection errors, hook facade, autoload switch, every entry point's contract."""
+"""The plugin model: driver selection errors, the hook facade, the autoload switch, and every
+entry point's contract."""
 
 from __future__ import annotations
 
@@ -65,7 +66,9 @@ class Recorder:
         self.events.append(("vm_finished", kw))
 
     @hookimpl
-    def ahvbackup_resource_released(self, kind: str, resource_id: str, owner: str, ok: bool) -> None:
+    def ahvbackup_resource_released(
+        self, kind: str, resource_id: str, owner: str, ok: bool
+    ) -> None:
         self.events.append(("released", {"kind": kind, "id": resource_id, "ok": ok}))
 
 
@@ -94,7 +97,9 @@ def test_autoload_switch_keeps_entry_point_plugins_out(monkeypatch: pytest.Monke
 def test_plugins_command_lists_distribution_and_version() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "ahvbackup.core.cli", "--json", "plugins"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     import json
 

@@ -38,23 +38,34 @@ async def regions_of(items: list[Region]):  # type: ignore[no-untyped-def]
         yield r
 
 
-async def collect(reader: BytesReader, regions: list[Region], chunk: int, inflight: int) -> list[Chunk]:
+async def collect(
+    reader: BytesReader, regions: list[Region], chunk: int, inflight: int
+) -> list[Chunk]:
     send, recv = trio.open_memory_channel[Chunk](0)
     got: list[Chunk] = []
     async with trio.open_nursery() as n:
-        n.start_soon(lambda: read_chunks(reader, regions_of(regions), chunk_size=chunk,
-                                         inflight=inflight, out=send))
+        n.start_soon(
+            lambda: read_chunks(
+                reader, regions_of(regions), chunk_size=chunk, inflight=inflight, out=send
+            )
+        )
         async with recv:
             async for c in recv:
-                kept = Chunk(c.offset, c.length, None if c.data is None else memoryview(bytes(c.data)))
+                kept = Chunk(
+                    c.offset, c.length, None if c.data is None else memoryview(bytes(c.data))
+                )
                 c.release()
                 got.append(kept)
     return got
 
 
 def test_split_is_aligned_to_chunk_size() -> None:
-    assert split(Region(100, 300), 128) == [Region(100, 28), Region(128, 128), Region(256, 128),
-                                            Region(384, 16)]
+    assert split(Region(100, 300), 128) == [
+        Region(100, 28),
+        Region(128, 128),
+        Region(256, 128),
+        Region(384, 16),
+    ]
 
 
 async def test_chunks_arrive_in_order_with_bounded_concurrency() -> None:
@@ -82,8 +93,16 @@ async def test_memory_is_a_fixed_pool_whatever_the_disk_size() -> None:
     seen: set[int] = set()
     send, recv = trio.open_memory_channel[Chunk](0)
     async with trio.open_nursery() as n:
-        n.start_soon(lambda: read_chunks(reader, regions_of([Region(0, 256 * 1024)]),
-                                         chunk_size=4096, inflight=3, out=send, spare=2))
+        n.start_soon(
+            lambda: read_chunks(
+                reader,
+                regions_of([Region(0, 256 * 1024)]),
+                chunk_size=4096,
+                inflight=3,
+                out=send,
+                spare=2,
+            )
+        )
         async with recv:
             async for c in recv:
                 assert c.data is not None

@@ -14,13 +14,23 @@ from ahvbackup.core.errors import SinkError
 from ahvbackup.core.model import DiskInfo, VmInfo
 from ahvbackup.core.repository import DirectorySink, new_backup_id
 
-VM = VmInfo(uuid="vm-1", name="web-01", cluster_uuid="c", cluster_name="c1",
-            disks=(DiskInfo(uuid="d0", bus="SCSI", index=0, size=4096),))
+VM = VmInfo(
+    uuid="vm-1",
+    name="web-01",
+    cluster_uuid="c",
+    cluster_name="c1",
+    disks=(DiskInfo(uuid="d0", bus="SCSI", index=0, size=4096),),
+)
 
 
 def manifest(backup_id: str) -> dict[str, object]:
-    return {"backup_id": backup_id, "vm": {"uuid": VM.uuid, "name": VM.name}, "level": "full",
-            "created": 1.0, "disks": [{"label": "scsi.0", "stream": "scsi.0.ahvd", "bytes_stored": 6}]}
+    return {
+        "backup_id": backup_id,
+        "vm": {"uuid": VM.uuid, "name": VM.name},
+        "level": "full",
+        "created": 1.0,
+        "disks": [{"label": "scsi.0", "stream": "scsi.0.ahvd", "bytes_stored": 6}],
+    }
 
 
 async def chunks(*parts: bytes):  # type: ignore[no-untyped-def]
@@ -40,7 +50,7 @@ async def test_backup_is_listed_only_after_commit(tmp_path: Path) -> None:
     assert listed[0].bytes_stored == 6
     with sink.open_stream(listed[0], "scsi.0") as f:
         assert f.read() == b"abcdef"
-    with pytest.raises(SinkError, match="stream for disk scsi.1 is missing"):
+    with pytest.raises(SinkError, match=r"stream for disk scsi\.1 is missing"):
         sink.open_stream(listed[0], "scsi.1")
 
 
@@ -54,8 +64,12 @@ async def test_abort_leaves_nothing(tmp_path: Path) -> None:
 
 
 async def test_partial_of_a_dead_process_is_swept(tmp_path: Path) -> None:
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     pid = int(dead.stdout)
     partial = tmp_path / VM.uuid / f".partial-20260101T000000Z-abcdef-{pid}"
     partial.mkdir(parents=True)

@@ -8,7 +8,9 @@ from ahvbackup.core.model import VmInfo
 
 
 def vm(name: str, uuid: str, cluster: str = "c1") -> VmInfo:
-    return VmInfo(uuid=uuid, name=name, cluster_uuid=f"{cluster}-uuid", cluster_name=cluster, disks=())
+    return VmInfo(
+        uuid=uuid, name=name, cluster_uuid=f"{cluster}-uuid", cluster_name=cluster, disks=()
+    )
 
 
 VMS = [vm("prod-web", "u1"), vm("prod-db", "u2"), vm("test-web", "u3", "c2"), vm("app", "u4")]

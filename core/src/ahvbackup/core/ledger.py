@@ -137,7 +137,7 @@ async def release_record(ledger: Ledger, rec: Record, releaser: Releaser) -> boo
     with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT) as scope:
         try:
             await releaser(rec)
-        except Exception as err:  # noqa: BLE001 - any failure keeps the record for the next sweep
+        except Exception as err:
             log.warning("could not release %s: %s (kept for the next sweep)", rec.describe(), err)
             return False
         ledger.forget(rec)

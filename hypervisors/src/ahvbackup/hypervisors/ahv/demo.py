@@ -125,7 +125,9 @@ async def run_demo(work: Path, *, verbose: int) -> dict[str, Any]:
         "bytes_read": sum(v.bytes_read for v in backup.vms),
         "bytes_stored": sum(v.bytes_stored for v in backup.vms),
         "backup_seconds": round(backup_seconds, 2),
-        "read_throughput_mb_s": round(sum(v.bytes_read for v in backup.vms) / backup_seconds / 1e6, 1),
+        "read_throughput_mb_s": round(
+            sum(v.bytes_read for v in backup.vms) / backup_seconds / 1e6, 1
+        ),
         "restored_vm": chosen.vm_name,
         "restore_check": checks,
         "verified_backups": sum(1 for v in verified if v.ok),
@@ -142,8 +144,8 @@ def _human(r: dict[str, Any]) -> str:
               for i in r["inventory"]]
     lines.append(
         f"Backed up {r['vms']} VMs, {r['disks']} disks ({r['bytes_provisioned'] / 2**30:.1f} GiB "
-        f"provisioned): read {r['bytes_read'] / 2**20:.1f} MiB, stored {r['bytes_stored'] / 2**20:.1f}"
-        f" MiB in {r['backup_seconds']} s ({r['read_throughput_mb_s']} MB/s of allocated data)"
+        f"provisioned): read {r['bytes_read'] / 2**20:.1f} MiB, "
+        f"stored {r['bytes_stored'] / 2**20:.1f} MiB in {r['backup_seconds']} s ({r['read_throughput_mb_s']} MB/s of allocated data)"
     )
     lines.append(f"Restored {r['restored_vm']} to raw files:")
     lines += [f"  {c['disk']:<8} {c['size']:>13,} bytes  "
