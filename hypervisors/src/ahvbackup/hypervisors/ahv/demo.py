@@ -145,7 +145,8 @@ def _human(r: dict[str, Any]) -> str:
     lines.append(
         f"Backed up {r['vms']} VMs, {r['disks']} disks ({r['bytes_provisioned'] / 2**30:.1f} GiB "
         f"provisioned): read {r['bytes_read'] / 2**20:.1f} MiB, "
-        f"stored {r['bytes_stored'] / 2**20:.1f} MiB in {r['backup_seconds']} s ({r['read_throughput_mb_s']} MB/s of allocated data)"
+        f"stored {r['bytes_stored'] / 2**20:.1f} MiB in {r['backup_seconds']} s "
+        f"({r['read_throughput_mb_s']} MB/s of allocated data)"
     )
     lines.append(f"Restored {r['restored_vm']} to raw files:")
     lines += [f"  {c['disk']:<8} {c['size']:>13,} bytes  "
