@@ -15,7 +15,7 @@ shielded releases) runs, then the backend exits 0.
 
 Environment: ``AHVBACKUP_CONFIG`` lists configuration files (``:``-separated; default
 /opt/bacula/etc/ahvbackup.conf when it exists); ``AHVBACKUP_BACULA_HANDLERS=module:factory``
-selects the handlers (tests, extensions).
+selects other handlers (tests, extensions) than the built-in job handlers.
 """
 
 from __future__ import annotations
@@ -171,7 +171,9 @@ def load_handlers(spec: str | None) -> BackendHandlers:
     from .handlers import BackendHandlers
 
     if not spec:
-        return BackendHandlers()
+        from .job_handlers import JobHandlers
+
+        return JobHandlers()
     module_name, _, attr = spec.partition(":")
     try:
         obj = getattr(importlib.import_module(module_name), attr or "handlers")

@@ -1,0 +1,128 @@
+"""``ahvbackup bpipe backup|restore``: the reader and writer of a stock Bacula ``bpipe`` line.
+
+::
+
+    Plugin = "bpipe:/@ahvbackup/<cluster>/<vm>/disks/<label>.ahvd:\
+    ahvbackup bpipe backup -c /etc/ahvbackup.conf --vm <vm> --disk <label>:\
+    ahvbackup bpipe restore -c /etc/ahvbackup.conf --where %w"      (on one line)
+
+bpipe's only error channel is the reader's exit status (a reader that dies still leaves a
+"successful" backup with a warning), so the reader exits non-zero with a message on stderr
+(copied into the job log) on any error, and the stream it wrote is self-checking: a cut-short
+stream has no trailer, and restore refuses it. Only the stream goes to stdout: descriptor 1 is
+taken for it at start and pointed at stderr, so no stray output can ever land in a backup.
+"""
+
+from __future__ import annotations
+
+__all__ = ["bpipe"]
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ahvbackup.core.cli import Context, pass_context
+from ahvbackup.core.cli.options import config_options, load_job_config, run_trio
+from ahvbackup.core.errors import ConfigError, JobError
+from ahvbackup.core.jobs.backup import BackupJob
+from ahvbackup.core.jobs.results import JobResult
+from ahvbackup.core.jobs.runtime import Runtime
+from ahvbackup.core.plugins import load_driver
+
+from .apply import StreamApplier, apply_blocking
+from .job_handlers import backup_config
+from .sink import BaculaSink
+
+
+def _take_stdout() -> int:
+    """A private descriptor for the stream; descriptor 1 then writes to stderr."""
+    sys.stdout.flush()
+    fd = os.dup(1)
+    os.dup2(2, 1)
+    return fd
+
+
+def _say(text: str) -> None:
+    click.echo(f"ahvbackup: {text}", err=True)
+
+
+@click.group()
+def bpipe() -> None:
+    """Reader and writer commands for Bacula's bpipe plugin (one disk per Plugin line)."""
+
+
+@bpipe.command("backup")
+@config_options
+@click.option("--vm", "vm_name", required=True, help="The VM (its name or UUID).")
+@click.option("--disk", "label", required=True, help="The disk label, e.g. scsi.0.")
+@click.option("--level", type=click.Choice(["auto", "full", "incremental", "differential"]),
+              default="auto", show_default=True,
+              help="auto: incremental against the reference in state_dir, a full when there "
+                   "is none.")
+@pass_context
+def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
+                 plugin_string: str | None, vm_name: str, label: str, level: str) -> None:
+    """Write one disk's stream to stdout (the bpipe reader)."""
+    out_fd = _take_stdout()
+    if any(c in vm_name for c in "*?[,"):
+        raise ConfigError(f"--vm: {vm_name!r}: name exactly one VM (no patterns or lists)")
+    wanted = "incremental" if level == "auto" else level
+    cfg = load_job_config(
+        configs=configs, sets=sets, plugin_string=plugin_string, hooks=ctx.hooks,
+        verbose=ctx.verbose, overrides={"vm": vm_name, "mode": "backup", "level": wanted},
+        require=("prism_central", "user", "password"),
+    )
+    cfg, warning = backup_config(cfg)
+    if warning and level != "auto":
+        _say(f"warning: {warning}")
+    rt = Runtime.from_config(cfg, hooks=ctx.hooks)
+    sink = rt.sink
+    assert isinstance(sink, BaculaSink)
+    sink.attach_pipe(out_fd)
+
+    async def main() -> JobResult:
+        return await BackupJob(rt, disks=[label]).run()
+
+    try:
+        result = run_trio(main)
+    finally:
+        os.close(out_fd)
+    if not result.vms:
+        raise JobError(f"vm={vm_name}: no such VM (nothing was written; this backup is empty)")
+    for vr in result.vms:
+        for w in vr.warnings:
+            _say(f"warning: {w}")
+    if not result.ok:
+        raise JobError(f"backup of {vm_name} {label} failed: {'; '.join(result.failed)} "
+                       "(the stream written is incomplete and will be refused at restore)")
+    (vr,) = result.vms
+    (dr,) = vr.disks
+    _say(f"backed up {vm_name} {label}: level={cfg.level} backup={vr.backup_id} "
+         f"read={dr.bytes_read} stream={dr.bytes_stored} consistency={vr.consistency}")
+
+
+@bpipe.command("restore")
+@config_options
+@click.option("--where", required=True,
+              help="Restore folder (give %w: Bacula puts the restore job's where there).")
+@pass_context
+def bpipe_restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
+                  plugin_string: str | None, where: str) -> None:
+    """Apply the stream on stdin onto <where>/<vm>/<label>.raw (the bpipe writer).
+
+    A full creates the image; an incremental is applied onto the image its chain's earlier
+    restores left there (restore the jobs of a chain in order, into the same where).
+    """
+    if not where.strip() or where.strip() == "/":
+        raise ConfigError("--where: empty or '/'; give the restore job a where= folder "
+                          "(the writer is run with %w)")
+    cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
+                          hooks=ctx.hooks, verbose=ctx.verbose, overrides={"where": where})
+    target = load_driver("target", cfg.target)(cfg)
+    applier = StreamApplier(target=target, dest=Path(where), name="stream on stdin")
+    out = apply_blocking(applier, sys.stdin.buffer.read1)
+    click.echo(f"ahvbackup: restored {out.vm_name} {out.label} ({out.kind}) to {out.path}: "
+               f"{out.data_bytes} data bytes, {out.zero_bytes} zero bytes, "
+               f"chain {'+'.join(out.backup_ids)}")

@@ -1,0 +1,201 @@
+"""The metaplugin backend's real work: backup, estimate, listing and restore of AHV VMs.
+
+Backup runs `BackupJob` with the ``bacula`` sink attached to the session's file emitter, so per
+VM Bacula receives ``@ahvbackup/<cluster>/<vm>/disks/<label>.ahvd`` for each disk and then
+``.../vm.json`` (the manifest: VM configuration, snapshot, disks). Restore takes those files
+back with the Job's ``where`` applied: ``vm.json`` is written as a file, each ``.ahvd`` stream is
+checked and applied onto a raw image beside it (``<where>/@ahvbackup/<cluster>/<vm>/<label>.raw``
+with the raw target). Cancellation (SIGUSR1) cancels the job's trio scope; the job's release
+stacks then release every snapshot and staged image through the ledger.
+"""
+
+from __future__ import annotations
+
+__all__ = ["JobHandlers", "backup_config"]
+
+import dataclasses
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ahvbackup.core.errors import ConfigError, SinkError, TargetError
+from ahvbackup.core.jobs.backup import BackupJob
+from ahvbackup.core.jobs.results import JobResult
+from ahvbackup.core.jobs.runtime import Runtime
+from ahvbackup.core.jobs.selection import select_vms
+from ahvbackup.core.plugins import load_driver
+
+from .apply import StreamApplier
+from .handlers import BackendContext, BackendHandlers, FileEmitter, RestoreFile
+from .sink import BaculaSink, virtual_part
+
+log = logging.getLogger("ahvbackup.bacula.jobs")
+
+STREAM_SUFFIX = ".ahvd"
+
+
+def backup_config(config: Any) -> tuple[Any, str | None]:
+    """The configuration a Bacula backup runs with, and a warning when its level had to change.
+
+    Incremental and differential levels need the job engine's support; where it is not there
+    yet the backup is a full (which Bacula accepts at any level) and the warning says so.
+    """
+    cfg = dataclasses.replace(config, sink="bacula")
+    try:
+        _check_level(cfg)
+    except ConfigError as err:
+        if not str(err).startswith("level:"):
+            raise
+        full = dataclasses.replace(cfg, level="full")
+        return full, (f"level {cfg.level} is not available in this version ({err}); "
+                      "taking a full backup")
+    return cfg, None
+
+
+def _check_level(cfg: Any) -> None:
+    """Raises the job engine's own ConfigError when it cannot run `cfg.level`."""
+
+    class _Rt:
+        config = cfg
+
+    BackupJob(_Rt(), disks=())  # type: ignore[arg-type]
+
+
+class JobHandlers(BackendHandlers):
+    """Backup, estimate, listing and restore through the job engine."""
+
+    # backup and estimate ------------------------------------------------------------------
+    async def backup(self, ctx: BackendContext, emitter: FileEmitter) -> None:
+        cfg, warning = backup_config(ctx.config)
+        if warning:
+            await ctx.messages.warning(warning)
+        if not emitter.wants_data:
+            cfg = dataclasses.replace(cfg, mode="estimate")
+        rt = Runtime.from_config(cfg)
+        sink = rt.sink
+        assert isinstance(sink, BaculaSink)
+        sink.attach_emitter(emitter, path_of=ctx.path, messages=ctx.messages)
+        try:
+            result = await BackupJob(rt).run()
+        finally:
+            sink.cleanup()
+        if not emitter.wants_data:
+            await self._estimate_files(ctx, emitter, rt, result)
+        await self._report(ctx, result)
+
+    async def _estimate_files(self, ctx: BackendContext, emitter: FileEmitter, rt: Runtime,
+                              result: JobResult) -> None:
+        """The files a backup would send, sized by what it would read."""
+        async with rt.hypervisor.connect() as session:
+            clusters = {v.uuid: v.cluster_name or v.cluster_uuid
+                        for v in await session.list_vms()}
+        now = time.time()
+        for vr in result.vms:
+            cluster = virtual_part(clusters.get(vr.vm_uuid, vr.vm_uuid))
+            vm = virtual_part(vr.vm_name)
+            for d in vr.disks:
+                await emitter.file(ctx.path(cluster, vm, "disks", f"{d.label}{STREAM_SUFFIX}"),
+                                   size=d.estimated_bytes, mtime=now)
+            await emitter.file(ctx.path(cluster, vm, "vm.json"), size=0, mtime=now)
+
+    async def _report(self, ctx: BackendContext, result: JobResult) -> None:
+        if not result.vms:
+            await ctx.messages.error("no VM matched the selection (vm=, exclude=, cluster=)")
+        for vr in result.vms:
+            if vr.ok and result.mode == "estimate":
+                total = sum(d.estimated_bytes for d in vr.disks)
+                await ctx.messages.info(f"VM {vr.vm_name}: estimate {len(vr.disks)} disk(s), "
+                                        f"{total} bytes to read")
+            elif vr.ok:
+                await ctx.messages.info(
+                    f"VM backed up: vm={vr.vm_name} backup={vr.backup_id} "
+                    f"disks={len(vr.disks)} read={vr.bytes_read} stored={vr.bytes_stored} "
+                    f"consistency={vr.consistency}")
+            else:
+                await ctx.messages.error(f"VM {vr.vm_name}: backup failed: {vr.error}")
+            for w in vr.warnings:
+                await ctx.messages.warning(w)
+
+    async def estimate(self, ctx: BackendContext, emitter: FileEmitter) -> None:
+        await self.backup(ctx, emitter)
+
+    # listing: clusters, then the VMs of a cluster ---------------------------------------------
+    async def listing(self, ctx: BackendContext, emitter: FileEmitter) -> None:
+        rt = Runtime.from_config(dataclasses.replace(ctx.config, sink="bacula"))
+        async with rt.hypervisor.connect() as session:
+            vms, _ = select_vms(await session.list_vms(), include=ctx.config.vm,
+                                exclude=ctx.config.exclude, cluster=ctx.config.cluster)
+        now = time.time()
+        top = (ctx.listing or "/").strip("/").split("/")
+        top = [p for p in top if p and not p.startswith("@")]
+        clusters = sorted({virtual_part(v.cluster_name or v.cluster_uuid) for v in vms})
+        if not top:
+            for c in clusters:
+                await emitter.directory(ctx.path(c), mtime=now)
+            return
+        for v in vms:
+            if virtual_part(v.cluster_name or v.cluster_uuid) == top[0]:
+                await emitter.directory(ctx.path(top[0], virtual_part(v.name)), mtime=now)
+
+    # restore ------------------------------------------------------------------------------
+    def _where(self, ctx: BackendContext) -> Path:
+        if not ctx.job.where or ctx.job.where.strip("/") == "":
+            raise ConfigError("where: a restore of ahvbackup files needs a restore folder "
+                              "(bconsole: restore ... where=/path); disks are rebuilt there")
+        return Path(ctx.job.where)
+
+    async def restore_wanted(self, ctx: BackendContext, file: RestoreFile) -> bool:
+        self._where(ctx)
+        name = Path(file.fname).name
+        if name.endswith(STREAM_SUFFIX):
+            label = name.removesuffix(STREAM_SUFFIX)
+            only = ctx.config.restore_disks_only
+            if only and label not in only:
+                return False
+            image = self._image(file.fname, label)
+            if ctx.job.replace == "n" and image.exists():
+                await ctx.messages.info(f"{image} exists and replace=never: skipped")
+                return False
+        return True
+
+    def _image(self, fname: str, label: str) -> Path:
+        vm_dir = Path(fname).parent.parent
+        return vm_dir / f"{label}.raw"
+
+    async def restore_file(self, ctx: BackendContext, file: RestoreFile,
+                           data: AsyncIterator[memoryview]) -> None:
+        where = self._where(ctx)
+        path = Path(file.fname)
+        if where not in path.parents:
+            raise TargetError(f"{file.fname}: not under the restore folder {where}")
+        if not path.name.endswith(STREAM_SUFFIX):
+            await _write_plain(path, data)
+            return
+        vm_dir = path.parent.parent
+        target = load_driver("target", ctx.config.target)(ctx.config)
+        applier = StreamApplier(target=target, dest=vm_dir.parent, vm_name=vm_dir.name,
+                                name=file.fname)
+        try:
+            async for block in data:
+                await trio.to_thread.run_sync(applier.feed, block)
+            out = await trio.to_thread.run_sync(applier.finish)
+        except BaseException:
+            applier.abort()
+            raise
+        await ctx.messages.info(
+            f"disk restored: {out.path} ({out.kind}, {out.data_bytes} data bytes, "
+            f"{out.zero_bytes} zero bytes, chain {'+'.join(out.backup_ids)})")
+
+
+async def _write_plain(path: Path, data: AsyncIterator[memoryview]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("wb") as out:
+            async for block in data:
+                out.write(block)
+    except OSError as err:
+        raise SinkError(f"{path}: cannot write it ({err.strerror})") from err

@@ -1,0 +1,182 @@
+"""The metaplugin backend's real handlers against a served Prism simulator, played from the
+file daemon's side over pipes (the conformance harness): backup, estimate, restore byte for
+byte, a missing VM, and cancel by SIGUSR1 releasing what the job held on the cluster."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import trio
+from harness import Backend, job_fields
+
+from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
+from tests.e2e.e2e_world import MiB, World, same_as_sim
+
+Spawn = Callable[..., Backend]
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
+    try:
+        async with serve_simulator(sim, port=0, tls=True) as ep:
+            assert ep.ca_path is not None
+            yield World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path, tmp=tmp_path)
+    finally:
+        sim.close()
+
+
+def prism_params(world: World, base: list[str], **extra: str) -> list[str]:
+    keys = {"prism_central": world.pc, "user": "backup", "password": "backup/4u",
+            "prism_ca_cert": str(world.ca), "prism_rate_rpm": "100000", **extra}
+    return [*base, *(f"{k}={v}" for k, v in keys.items())]
+
+
+def opened(spawn: Spawn, params: list[str], kind: str = "B", **job: object) -> Backend:
+    b = spawn(handlers=None)  # the built-in job handlers
+    b.hello()
+    b.job(**job_fields(kind, **job))
+    answer = b.params(params)
+    assert answer.kind == "F", f"Params refused: {answer!r}"
+    return b
+
+
+def cluster_name(world: World) -> str:
+    return next(iter(world.sim.clusters.values())).name
+
+
+async def test_backup_then_restore_through_the_protocol_is_byte_identical(
+        world: World, spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
+    vm = world.add_vm("bvm", [(8 * MiB, [(0, MiB), (5 * MiB, 512 * 1024)]), (4 * MiB, [])])
+    params = prism_params(world, base_params, vm="bvm", chunk_size_mib="1")
+    where = tmp_path / "restore"
+    root = f"/@ahvbackup/{cluster_name(world)}/bvm"
+
+    def scenario() -> tuple[list, list, list]:
+        b = opened(spawn, params)
+        b.start("BackupStart")
+        files = b.files(data=True)
+        backup_messages = [p.text for p in b.messages]
+        assert b.end() == 0
+
+        r = opened(spawn, params, kind="R", where=str(where))
+        r.start("RestoreStart")
+        answers = [r.restore(f"{where}{f.fname}", f.data) for f in files]
+        r.command("FINISH")
+        r.expect_ack()
+        restore_messages = [p.text for p in r.messages]
+        assert r.end() == 0
+        return files, answers, backup_messages + restore_messages
+
+    files, answers, messages = await trio.to_thread.run_sync(scenario)
+    # disks in the order they were read (concurrently), vm.json last: the VM is complete
+    assert sorted(f.fname for f in files[:2]) == [f"{root}/disks/scsi.0.ahvd",
+                                                  f"{root}/disks/scsi.1.ahvd"]
+    assert files[2].fname == f"{root}/vm.json"
+    for f in files:
+        assert f.error is None
+        assert f.stat.split()[:2] == ["F", str(len(f.data or b""))], f.fname  # exact size
+    manifest = json.loads(files[-1].data or b"")
+    assert manifest["vm"]["uuid"] == vm.uuid
+    assert [d["label"] for d in manifest["disks"]] == ["scsi.0", "scsi.1"]
+    assert any(m.startswith("VM backed up: vm=bvm") for m in messages), messages
+    assert [a.text for a in answers] == ["OK", "OK", "OK"]
+    for i in range(2):
+        image = where / root.lstrip("/") / f"scsi.{i}.raw"
+        assert same_as_sim(world.sim, vm.uuid, i, image), image
+    assert json.loads((where / root.lstrip("/") / "vm.json").read_text()) == manifest
+    assert world.sim.snapshots == {} and world.sim.images == {}
+    assert not list((tmp_path / "work").glob("ahvbackup-spool-*/*")), "spool left behind"
+
+
+async def test_a_damaged_stream_is_refused_and_leaves_no_image(
+        world: World, spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
+    world.add_vm("dvm", [(4 * MiB, [(0, 2 * MiB)])])
+    params = prism_params(world, base_params, vm="dvm")
+    where = tmp_path / "restore"
+
+    def scenario() -> tuple[str, str]:
+        b = opened(spawn, params)
+        b.start("BackupStart")
+        disk = b.files(data=True)[0]
+        assert b.end() == 0
+        assert disk.data is not None
+        cut = disk.data[: len(disk.data) - 100]  # the trailer is missing
+        r = opened(spawn, params, kind="R", where=str(where))
+        r.start("RestoreStart")
+        answer = r.restore(f"{where}{disk.fname}", cut)
+        r.command("FINISH")
+        r.expect_ack()
+        assert r.end() == 0
+        return answer.kind, answer.text
+
+    kind, text = await trio.to_thread.run_sync(scenario)
+    assert kind == "E"
+    assert "truncated" in text
+    assert not list(where.rglob("*.raw")), "a half-restored image was left"
+
+
+async def test_estimate_sizes_files_by_what_a_backup_would_read(
+        world: World, spawn: Spawn, base_params: list[str]) -> None:
+    world.add_vm("evm", [(16 * MiB, [(0, 3 * MiB)]), (4 * MiB, [])])
+    params = prism_params(world, base_params, vm="evm")
+
+    def scenario() -> list:
+        b = opened(spawn, params, kind="E")
+        b.start("EstimateStart")
+        files = b.files(data=False)
+        assert b.end() == 0
+        return files
+
+    files = await trio.to_thread.run_sync(scenario)
+    sizes = {f.fname.rsplit("/", 1)[1]: int(f.stat.split()[1]) for f in files}
+    assert sizes["scsi.0.ahvd"] == 3 * MiB
+    assert sizes["scsi.1.ahvd"] == 0
+    assert "vm.json" in sizes
+
+
+async def test_no_matching_vm_fails_the_job_naming_the_selection(
+        world: World, spawn: Spawn, base_params: list[str]) -> None:
+    params = prism_params(world, base_params, vm="no-such-vm")
+
+    def scenario() -> tuple[str, str]:
+        b = opened(spawn, params)
+        b.start("BackupStart")
+        answer = b.receive()
+        assert b.end() == 0
+        return answer.kind, answer.text
+
+    kind, text = await trio.to_thread.run_sync(scenario)
+    assert kind == "A"
+    assert "'no-such-vm' selects no VM" in text
+
+
+async def test_sigusr1_cancels_and_releases_the_snapshot_and_image(
+        world: World, spawn: Spawn, base_params: list[str]) -> None:
+    world.add_vm("slow", [(64 * MiB, [(0, 32 * MiB)])])
+    world.sim.faults.add(method="GET", path=r"/images/.*/file", latency=0.5, count=10_000)
+    params = prism_params(world, base_params, vm="slow")
+
+    def scenario() -> tuple[int, float]:
+        b = opened(spawn, params)
+        b.start("BackupStart")
+        deadline = time.monotonic() + 30
+        while not world.sim.images:  # the disk is staged and being read
+            assert time.monotonic() < deadline, "the backup never staged its disk"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        b.signal(signal.SIGUSR1)
+        code = b.wait(30)
+        b.check_stderr()
+        return code, time.monotonic() - t0
+
+    code, seconds = await trio.to_thread.run_sync(scenario)
+    assert code == 0
+    assert seconds < 10
+    assert world.sim.snapshots == {} and world.sim.images == {}
