@@ -20,6 +20,7 @@ __all__ = [
     "HttpSource",
     "Hypervisor",
     "HypervisorSession",
+    "IscsiSource",
     "RestoreTarget",
     "Sink",
     "StoredBackup",
@@ -34,6 +35,7 @@ from typing import Any, BinaryIO, ClassVar
 
 import marshmallow
 
+from .errors import DataPathError
 from .ledger import Record, ReleaseStack
 from .model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
 
@@ -66,6 +68,22 @@ class HttpSource:
     size: int
     headers: Mapping[str, str] = field(repr=False, default_factory=dict)
     ssl_context: Any = field(repr=False, default=None)
+
+
+@dataclass(frozen=True)
+class IscsiSource:
+    """A disk made readable over iSCSI (AHV: a volume group cloned from a snapshot disk).
+
+    `portal` is (host, port); `target_iqn` comes from the management API; `chap` is an
+    optional (user, secret) the target requires; `size` is what the API says the disk holds
+    (a LUN smaller than that is an error).
+    """
+
+    portal: tuple[str, int]
+    target_iqn: str
+    lun: int
+    size: int
+    chap: tuple[str, Any] | None = field(repr=False, default=None)
 
 
 class HypervisorSession(abc.ABC):
@@ -106,6 +124,13 @@ class HypervisorSession(abc.ABC):
     async def iscsi_portal(self) -> tuple[str, int] | None:
         """The iSCSI portal (data services address, port) if the platform offers one."""
         return None
+
+    async def stage_iscsi(
+        self, disk: DiskSnapshot, *, initiator_iqn: str, stack: ReleaseStack
+    ) -> IscsiSource:
+        """Expose a snapshot disk as an iSCSI LUN that `initiator_iqn` may log in to (iSCSI
+        data path); every remote step goes on `stack` before it is relied on."""
+        raise DataPathError(f"disk {disk.disk.label}: this hypervisor has no iSCSI path")
 
 
 class Hypervisor(Driver):
@@ -191,6 +216,9 @@ class Sink(Driver):
     """Stores disk streams and manifests (the directory repository, Bacula)."""
 
     kind: ClassVar[str] = "sink"
+    #: lists earlier backups and opens their streams, so deltas can be chained onto them
+    #: (incremental and differential levels are refused for a sink without it)
+    keeps_chains: ClassVar[bool] = False
 
     @abc.abstractmethod
     async def begin(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter: ...
