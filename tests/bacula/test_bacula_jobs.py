@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 from harness import Backend, job_fields
+from tests.e2e.e2e_world import MiB, World, same_as_sim
 
 from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
-from tests.e2e.e2e_world import MiB, World, same_as_sim
 
 Spawn = Callable[..., Backend]
 

@@ -183,7 +183,7 @@ def load_handlers(spec: str | None) -> BackendHandlers:
                 f"{type(made).__name__} is not a BackendHandlers")
     except (ImportError, AttributeError, TypeError) as err:
         problem = f"{HANDLERS_ENV}={spec}: cannot load the handlers ({err})"
-        log.error("%s", problem)  # noqa: TRY400 - an expected error: its message, no traceback
+        log.error("%s", problem)
 
         class _Refusing(BackendHandlers):
             async def backup(self, ctx: object, emitter: object) -> None:
@@ -272,10 +272,10 @@ def main(argv: Sequence[str] | None = None, *, handlers: BackendHandlers | None 
     try:
         plugin, api = _hello(pio)
     except PeerClosedError as err:
-        log.error("%s", err)  # noqa: TRY400 - an expected error: its message, no traceback
+        log.error("%s", err)
         return 1
     except ProtocolError as err:
-        log.error("%s", err)  # noqa: TRY400 - an expected error: its message, no traceback
+        log.error("%s", err)
         with contextlib.suppress(OSError, ValueError):
             pio.send_command(str(err), kind="A")
         return 1

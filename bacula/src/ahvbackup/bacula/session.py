@@ -205,7 +205,7 @@ class _Emitter:
                 except PeerClosedError:
                     raise
                 except AhvBackupError as err:
-                    log.error("%s: failed after %d bytes: %s", fname, sent, err)  # noqa: TRY400 - an expected error: its message, no traceback
+                    log.error("%s: failed after %d bytes: %s", fname, sent, err)
                     await ch.send_message("E", f"{fname}: {err}")
                     raise
             await ch.send_eod()
@@ -303,7 +303,7 @@ class Session:
                 code = 0 if self.refused else 1
                 log.log(logging.INFO if self.refused else logging.ERROR, "%s", err)
             except ProtocolError as err:
-                log.error("protocol error: %s", err)  # noqa: TRY400 - an expected error: its message, no traceback
+                log.error("protocol error: %s", err)
                 with trio.move_on_after(2):
                     await self._send_quietly("A", f"protocol error: {err}")
                 code = 1
@@ -396,7 +396,7 @@ class Session:
                 self.on_config(config)
         except ConfigError as err:
             self.refused = str(err)
-            log.error("parameters refused: %s", err)  # noqa: TRY400 - an expected error: its message, no traceback
+            log.error("parameters refused: %s", err)
             await self.channel.send_message("E", str(err))
             return False
         session = session_keys(self.params)
@@ -424,7 +424,7 @@ class Session:
                 raise
             text, ours = _describe(exc)
             if ours:
-                log.error("%s failed: %s", what, text)  # noqa: TRY400 - an expected error: its message, no traceback
+                log.error("%s failed: %s", what, text)
             else:
                 log.exception("%s failed with an internal error", what)
             await self.channel.send_message("A", f"{what} failed: {text}")
@@ -537,7 +537,7 @@ class Session:
                 failure, ours = _describe(exc)
                 if not ours:
                     log.exception("restore of %s failed with an internal error", fname)
-                log.error("restore of %s failed: %s", fname, failure)  # noqa: TRY400 - an expected error: its message, no traceback
+                log.error("restore of %s failed: %s", fname, failure)
         await blocks.drain()
         if has_data:
             if failure is None:
