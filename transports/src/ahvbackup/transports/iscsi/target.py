@@ -209,6 +209,9 @@ class IscsiTarget:
         except* (ConnectionClosed, IscsiProtocolError, OSError, trio.BrokenResourceError) as err:
             log.debug("%s: connection from %s ended: %s", self.name, conn.peer,
                       err.exceptions[0])
+        except* Exception as err:  # a bug or a misbehaving backend ends this session only
+            log.error("%s: session from %s failed: %r", self.name, conn.peer,
+                      err.exceptions[0], exc_info=err.exceptions[0])
         finally:
             self.target_gone(conn)
             close_socket(sock)

@@ -1,0 +1,186 @@
+"""The `iscsi` data path end to end: jobs against the served simulator's volume groups and its
+iSCSI target on the cluster's DSIP, a free port (3260 on a real cluster)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from e2e_world import MiB, World, same_as_sim
+
+from ahvbackup.core.config import Config, load_config
+from ahvbackup.core.jobs.backup import BackupJob
+from ahvbackup.core.jobs.restore import RestoreJob, pick_backup
+from ahvbackup.core.jobs.runtime import Runtime
+from ahvbackup.hypervisors.ahv.driver import AhvKeys
+from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
+from ahvbackup.hypervisors.ahv.simulator.volume_groups import VolumeGroups, volume_groups
+
+CLI = [sys.executable, "-m", "ahvbackup.core.cli"]
+
+
+@dataclass
+class IWorld(World):
+    """A world whose jobs know the port the simulator serves iSCSI on (a free one, so test
+    runs side by side do not collide on 3260)."""
+
+    iscsi_port: int = 3260
+
+    def overrides(self, **extra: Any) -> dict[str, str]:
+        return super().overrides(iscsi_port=self.iscsi_port, **extra)
+
+    def config(self, **extra: Any) -> Config:
+        return load_config(overrides=self.overrides(**extra),
+                           extra_fields=dict(AhvKeys().fields))
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def _world(tmp_path: Path, *, iscsi: bool) -> AsyncIterator[IWorld]:
+    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
+    try:
+        async with serve_simulator(sim, port=0, tls=True, iscsi_port=0, iscsi=iscsi) as ep:
+            assert ep.ca_path is not None
+            if iscsi:
+                ((_host, port),) = set(ep.iscsi_portals.values())
+                assert {h for h, _ in ep.iscsi_portals.values()} == {
+                    c.dsip for c in sim.clusters.values()}
+            else:
+                assert ep.iscsi_portals == {}
+                port = _unused_port()
+            yield IWorld(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path,
+                         tmp=tmp_path, iscsi_port=port)
+    finally:
+        sim.close()
+
+
+@pytest.fixture
+async def iworld(tmp_path: Path) -> AsyncIterator[IWorld]:
+    async with _world(tmp_path, iscsi=True) as w:
+        yield w
+
+
+@pytest.fixture
+async def rest_only_world(tmp_path: Path) -> AsyncIterator[IWorld]:
+    async with _world(tmp_path, iscsi=False) as w:
+        yield w
+
+
+def _nothing_left(world: World, rt: Runtime) -> None:
+    vgs = volume_groups(world.sim)
+    assert vgs.groups == {}
+    assert set(world.sim.snapshots) == rt.states.all()[0].snapshot_ids()
+    assert world.sim.images == {}
+    assert not list((world.tmp / "state" / "ledger").glob("*.json"))
+
+
+async def test_full_backup_over_iscsi_restores_byte_identical(iworld: IWorld) -> None:
+    vm = iworld.add_vm("iscsi-vm", [
+        (48 * MiB, [(0, 5 * MiB), (30 * MiB + 4096, 3 * MiB)]),
+        (16 * MiB + 512, [(16 * MiB - 1000, 1000)]),  # odd size: the last read is unaligned
+    ])
+    vgs = volume_groups(iworld.sim)
+    rt = Runtime.from_config(iworld.config(vm="iscsi-vm", data_path="iscsi", chunk_size_mib=2,
+                                           iscsi_initiator="iqn.2024-01.test:backup-host"))
+    result = await BackupJob(rt).run()
+    assert result.ok, result.failed
+    assert vgs.bytes_read >= 8 * MiB  # the bytes came over iSCSI ...
+    assert iworld.sim.stats.peak_concurrent_image_reads == 0  # ... and not over REST
+    backup = await pick_backup(rt, vm="iscsi-vm", backup_id=None)
+    out = await RestoreJob(rt, backup, dest=iworld.tmp / "restore").run()
+    assert out.ok
+    for i, disk in enumerate(out.disks):
+        assert same_as_sim(iworld.sim, vm.uuid, i, Path(disk.path)), disk.label
+    _nothing_left(iworld, rt)
+
+
+async def test_generated_initiator_name_is_stable(iworld: IWorld) -> None:
+    iworld.add_vm("gen", [(4 * MiB, [(0, MiB)])])
+    rt = Runtime.from_config(iworld.config(vm="gen", data_path="iscsi"))
+    assert (await BackupJob(rt).run()).ok
+    stored = iworld.tmp / "state" / "iscsi_initiator"
+    if stored.exists():  # no /etc/iscsi/initiatorname.iscsi on this host
+        first = stored.read_text()
+        assert first.startswith("iqn.")
+        assert (await BackupJob(rt).run()).ok
+        assert stored.read_text() == first
+
+
+async def test_auto_picks_iscsi_when_the_target_answers(
+        iworld: IWorld, caplog: pytest.LogCaptureFixture) -> None:
+    iworld.add_vm("auto", [(8 * MiB, [(0, 2 * MiB)])])
+    caplog.set_level(logging.INFO, logger="ahvbackup.job")
+    rt = Runtime.from_config(iworld.config(vm="auto", data_path="auto"))
+    assert (await BackupJob(rt).run()).ok
+    assert "data_path=auto: using iscsi" in caplog.text
+    assert volume_groups(iworld.sim).bytes_read >= 2 * MiB
+
+
+async def test_auto_picks_rest_when_no_target_answers(
+        rest_only_world: IWorld, caplog: pytest.LogCaptureFixture) -> None:
+    world = rest_only_world
+    vm = world.add_vm("auto", [(8 * MiB, [(0, 2 * MiB)])])
+    caplog.set_level(logging.INFO, logger="ahvbackup.job")
+    rt = Runtime.from_config(world.config(vm="auto", data_path="auto"))
+    assert (await BackupJob(rt).run()).ok
+    assert "data_path=auto: using rest" in caplog.text
+    assert volume_groups(world.sim).bytes_read == 0
+    backup = await pick_backup(rt, vm="auto", backup_id=None)
+    out = await RestoreJob(rt, backup, dest=world.tmp / "r").run()
+    assert same_as_sim(world.sim, vm.uuid, 0, Path(out.disks[0].path))
+
+
+async def test_lun_smaller_than_the_api_said_is_a_clear_error(iworld: IWorld) -> None:
+    iworld.add_vm("short", [(8 * MiB, [(0, MiB)])])
+    vgs = volume_groups(iworld.sim)
+    vgs.lun_shortfall = MiB
+    rt = Runtime.from_config(iworld.config(vm="short", data_path="iscsi"))
+    result = await BackupJob(rt).run()
+    assert not result.ok
+    message = " ".join(str(f) for f in result.failed) + " ".join(
+        w for vr in result.vms for d in vr.disks for w in [d.error or ""])
+    assert "holds 7340032 bytes, but the API said the disk has 8388608" in message
+    assert vgs.groups == {}  # the VG and its attachment were released all the same
+    assert not list((iworld.tmp / "state" / "ledger").glob("*.json"))
+
+
+async def test_sigkill_during_an_iscsi_read_leaves_nothing_after_the_next_run(
+        iworld: IWorld) -> None:
+    iworld.add_vm("big", [(64 * MiB, [(0, 48 * MiB)])])
+    vgs: VolumeGroups = volume_groups(iworld.sim)
+    vgs.read_latency = 0.5
+    proc = await trio.lowlevel.open_process(
+        [*CLI, "backup", *iworld.cli_args(vm="big", chunk_size_mib=1, data_path="iscsi")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trio.fail_after(60):
+            while vgs.active_reads == 0:
+                await trio.sleep(0.05)
+    finally:
+        proc.kill()
+        await proc.wait()
+    # the killed job left its snapshot, a VG and the VG's attachment behind
+    assert len(iworld.sim.snapshots) == 1
+    (vg,) = vgs.groups.values()
+    assert len(vg.attachments) == 1
+    vgs.read_latency = 0.0
+    rt = Runtime.from_config(iworld.config(vm="big", data_path="iscsi"))
+    result = await BackupJob(rt).run()  # job_cleanup_on_abort=yes sweeps first
+    assert result.ok, result.failed
+    _nothing_left(iworld, rt)
+    assert len(iworld.sim.snapshots) == 1
