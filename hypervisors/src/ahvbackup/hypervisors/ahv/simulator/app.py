@@ -28,6 +28,7 @@ from .control import control_routes
 from .diskstore import UnknownDiskError, UnknownSnapshotError
 from .simulator import Simulator, SimulatorError
 from .users import User
+from .v2_volume_groups import volume_group_routes
 from .v3_render import error_body
 from .v3_routes import pc_routes, pe_routes
 
@@ -42,7 +43,7 @@ _REALM = 'Basic realm="Intent Gateway"'
 def _route_sets(*, pc: bool) -> list[Route]:
     if pc:
         return [*pc_routes(), *control_routes()]
-    return pe_routes()
+    return [*pe_routes(), *volume_group_routes()]
 
 
 def _kind_of(path: str) -> str:

@@ -14,9 +14,10 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -41,6 +42,8 @@ class Endpoints:
     ca_path: Path | None
     port: int
     dsips: dict[str, str]
+    #: cluster uuid -> (DSIP, port) of its iSCSI target (volume groups); empty when not served
+    iscsi_portals: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def pe_url(self) -> str:
@@ -99,9 +102,16 @@ def _config(cert: tuple[Path, Path] | None) -> Config:
 
 @asynccontextmanager
 async def serve_simulator(
-    sim: Simulator, *, host: str = "127.0.0.1", port: int = 0, tls: bool = True
+    sim: Simulator, *, host: str = "127.0.0.1", port: int = 0, tls: bool = True,
+    iscsi_port: int | None = None, iscsi: bool = True,
 ) -> AsyncIterator[Endpoints]:
-    """Serve every listener of ``sim`` until the block ends; yields the ``Endpoints``."""
+    """Serve every listener of ``sim`` until the block ends; yields the ``Endpoints``.
+
+    Each cluster's volume groups are served over iSCSI on its DSIP (unless ``iscsi`` is
+    false) at ``iscsi_port``: by default 3260, or a free port shared by all DSIPs when
+    ``port`` is 0 (tests run side by side)."""
+    if iscsi_port is None:
+        iscsi_port = 3260 if port else 0
     clusters = list(sim.clusters.values())
     hosts = [host, *(c.external_ip for c in clusters)]
     ca = CertificateAuthority(sim.state_dir) if tls else None
@@ -124,15 +134,40 @@ async def serve_simulator(
                     worker_serve, wrap_app(app, config.wsgi_max_body_size, "asgi"),
                     config, sockets=sockets,
                 ))
+            portals = await _serve_iscsi(sim, clusters, iscsi_port if iscsi else None,
+                                         nursery)
             yield Endpoints(
                 pc_url=f"{scheme}://{shown_pc}:{chosen}",
                 pe_urls={c.uuid: f"{scheme}://{c.external_ip}:{chosen}" for c in clusters},
                 ca_path=ca.ca_path if ca else None,
                 port=chosen,
                 dsips={c.uuid: c.dsip for c in clusters},
+                iscsi_portals=portals,
             )
             nursery.cancel_scope.cancel()
     finally:
         for s in socks:
             s.close()
 
+
+
+async def _serve_iscsi(sim: Simulator, clusters: list[Any], port: int | None,
+                       nursery: trio.Nursery) -> dict[str, tuple[str, int]]:
+    """Start one iSCSI target per cluster on its DSIP (volume groups); returns the portals."""
+    if port is None or not clusters:
+        return {}
+    from ahvbackup.transports.iscsi.target import IscsiTarget
+
+    from .volume_groups import volume_groups
+
+    vgs = volume_groups(sim)
+    chosen, socks = _bind_all([c.dsip for c in clusters], port)
+    for s in socks:  # trio binds its own listeners; the probe only settled the shared port
+        s.close()
+    portals: dict[str, tuple[str, int]] = {}
+    for c in clusters:
+        target = IscsiTarget(exports=partial(vgs.exports, c.uuid), name=f"iscsi-{c.name}")
+        vgs.on_detach(target.drop_sessions)
+        host, bound = await nursery.start(target.serve, c.dsip, chosen)
+        portals[c.uuid] = (host, bound)
+    return portals
