@@ -17,18 +17,32 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import marshmallow
+
 from ahvbackup.core import log as msgs
-from ahvbackup.core.drivers import HttpSource, Hypervisor, HypervisorSession
+from ahvbackup.core.config.fields import Int
+from ahvbackup.core.drivers import HttpSource, Hypervisor, HypervisorSession, IscsiSource
 from ahvbackup.core.errors import ApiNotFoundError, ConfigError, HypervisorError
 from ahvbackup.core.ledger import Record, ReleaseStack
 from ahvbackup.core.model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
 
+from . import volume_groups as vgs
 from .client import Cluster, Prism, Vm, connect_prism
 
 log = logging.getLogger("ahvbackup.ahv")
 
 SNAPSHOT_TIMEOUT = 900.0
 IMAGE_TIMEOUT = 900.0
+VG_TIMEOUT = 900.0
+#: the iSCSI port of a cluster's data services address
+ISCSI_PORT = 3260
+
+
+class AhvKeys(marshmallow.Schema):
+    """Keys the ahv driver adds: `iscsi_port`, the port of the DSIP's iSCSI portal (3260 on a
+    real cluster; a simulator under test may serve another)."""
+
+    iscsi_port = Int(minimum=1, maximum=65535, load_default=ISCSI_PORT)
 #: first poll of a task or snapshot; it backs off to the client's cap from there
 POLL = 0.1
 
@@ -130,9 +144,57 @@ class AhvSession(HypervisorSession):
             headers=headers, ssl_context=ssl_context,
         )
 
+    async def iscsi_portal(self, cluster_uuid: str | None = None) -> tuple[str, int] | None:
+        """The `dsip` setting, else the cluster's data services IP (the first cluster's when
+        none is named), on `iscsi_port` (3260)."""
+        extra = getattr(self.config, "extra", None) or {}
+        port = int(extra.get("iscsi_port", ISCSI_PORT))
+        if self.config.dsip:
+            return (str(self.config.dsip), port)
+        clusters = await self._aos_clusters()
+        cluster = clusters.get(cluster_uuid or "") or next(iter(clusters.values()), None)
+        if cluster is None or not cluster.dsip:
+            return None
+        return (cluster.dsip, port)
+
+    async def stage_iscsi(
+        self, disk: DiskSnapshot, *, initiator_iqn: str, stack: ReleaseStack
+    ) -> IscsiSource:
+        """A volume group cloned from the snapshot disk, attached to `initiator_iqn`."""
+        cluster_uuid = self._cluster_of(disk)
+        portal = await self.iscsi_portal(cluster_uuid)
+        if portal is None:
+            raise HypervisorError(f"disk {disk.disk.label}: its cluster has no data services "
+                                  "IP; set dsip= or use data_path=rest")
+        pe = await self.prism.pe(cluster_uuid)
+        vg_id = str(uuid.uuid4())
+        stack.record("volume_group", vg_id, cluster=cluster_uuid, disk=disk.disk.label)
+        task = await vgs.create_volume_group(
+            pe, uuid=vg_id, name=f"ahvbackup-{disk.snapshot_id[:8]}-{disk.disk.label}",
+            snapshot_file_path=disk.handle,
+            description="temporary: ahvbackup iSCSI read of a snapshot disk",
+        )
+        if task:
+            await pe.wait_task(task, timeout=VG_TIMEOUT, poll=POLL)
+        vg = await vgs.get_volume_group(pe, vg_id)
+        if not vg.disk_sizes:
+            raise HypervisorError(f"disk {disk.disk.label}: volume group {vg_id} has no disk")
+        stack.record("vg_attachment", vg_id, cluster=cluster_uuid, initiator=initiator_iqn)
+        await vgs.attach_initiator(pe, vg_id, initiator_iqn)
+        return IscsiSource(portal=portal, target_iqn=vg.iscsi_target, lun=0,
+                           size=vg.disk_sizes[0])
+
     async def release(self, record: Record) -> None:
         try:
-            if record.kind == "snapshot":
+            if record.kind == "vg_attachment":
+                pe = await self.prism.pe(record.scope["cluster"])
+                await vgs.detach_initiator(pe, record.resource_id, record.scope["initiator"])
+            elif record.kind == "volume_group":
+                pe = await self.prism.pe(record.scope["cluster"])
+                task = await vgs.delete_volume_group(pe, record.resource_id)
+                if task:
+                    await pe.wait_task(task, poll=POLL)
+            elif record.kind == "snapshot":
                 pe = await self.prism.pe(record.scope["cluster"])
                 task = await pe.delete_vm_snapshot(record.resource_id)
                 if task:
@@ -151,6 +213,7 @@ class AhvSession(HypervisorSession):
 class AhvHypervisor(Hypervisor):
     name = "ahv"
     summary = "Nutanix AHV through Prism Central and Prism Element (v3)"
+    config_schema = AhvKeys
 
     def _pc_url(self) -> str:
         cfg = self.config
