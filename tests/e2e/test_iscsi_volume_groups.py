@@ -35,7 +35,8 @@ async def pe(tmp_path: Path) -> AsyncIterator[Cluster]:
     try:
         async with serve_simulator(sim, port=0, tls=True, iscsi_port=0) as ep:
             (portal,) = ep.iscsi_portals.values()
-            async with httpx.AsyncClient(base_url=ep.pe_url, verify=ssl.create_default_context(cafile=str(ep.ca_path)),
+            tls = ssl.create_default_context(cafile=str(ep.ca_path))
+            async with httpx.AsyncClient(base_url=ep.pe_url, verify=tls,
                                          auth=("backup", "backup/4u")) as api:
                 yield Cluster(sim, api, portal)
     finally:
