@@ -72,15 +72,32 @@ class JobResult:
 
 @dataclass
 class BaculaLab:
-    """One lab. `filesets` maps a FileSet name to its ``Plugin = "..."`` string; each gets a
-    backup Job of the same name."""
+    """One lab. `filesets` maps a FileSet name to its ``Plugin = "..."`` string (or several);
+    each gets a backup Job of the same name. `resources` is more Director configuration (e.g.
+    what ``ahvbackup bacula fileset --jobdefs LabDefs`` prints). `file_daemons` > 1 adds clients
+    ``lab-fd2``, ``lab-fd3``... on their own ports, and Storage ``LabFile2``, ``LabFile3``...
+    (a Job picks them with ``Client =`` and ``Storage =``)."""
 
     root: Path
     programs: dict[str, str]
-    filesets: dict[str, str]
+    filesets: dict[str, str | list[str]]
+    resources: str = ""
+    file_daemons: int = 1
+    volume_jobs: int = 1  # Maximum Volume Jobs
     password: str = field(default_factory=lambda: secrets.token_hex(16))
-    ports: list[int] = field(default_factory=lambda: free_ports(3))
+    ports: list[int] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.ports:
+            self.ports = free_ports(2 + self.file_daemons)
+
+    def client(self, n: int) -> str:
+        """The Director's name for file daemon `n` (0-based)."""
+        return "lab-fd" if n == 0 else f"lab-fd{n + 1}"
+
+    def fd_port_of(self, n: int) -> int:
+        return self.ports[1] if n == 0 else self.ports[2 + n]
 
     @property
     def dir_port(self) -> int:
@@ -114,11 +131,50 @@ class BaculaLab:
         jobs = "".join(
             f'FileSet {{\n  Name = "{name}"\n  Include {{\n'
             f"    Options {{ signature = MD5 }}\n"
-            f'    Plugin = "{plugin}"\n  }}\n}}\n'
+            + "".join(f'    Plugin = "{p}"\n'
+                      for p in ([plugins] if isinstance(plugins, str) else plugins))
+            + "  }\n}\n"
             f'Job {{ Name = "{name}"; JobDefs = LabDefs; FileSet = "{name}" }}\n'
-            for name, plugin in self.filesets.items()
-        )
+            for name, plugins in self.filesets.items()
+        ) + self.resources
         first = next(iter(self.filesets))
+        clients = "".join(f"""\
+Client {{
+  Name = {self.client(n)}
+  Address = 127.0.0.1
+  FDPort = {self.fd_port_of(n)}
+  Catalog = LabCatalog
+  Password = "{pw}-fd"
+  AutoPrune = no
+}}
+""" for n in range(1, self.file_daemons))
+        # one File device (same folder) per file daemon: LabFile, LabFile2, ... so jobs of
+        # different clients can write at the same time, each to its own volume
+        suffixes = ["" if n == 0 else str(n + 1) for n in range(self.file_daemons)]
+        storages = "".join(f"""\
+Storage {{
+  Name = LabFile{x}
+  Address = 127.0.0.1
+  SDPort = {self.sd_port}
+  Password = "{pw}-sd"
+  Device = LabFileDev{x}
+  Media Type = File
+  Maximum Concurrent Jobs = 5
+}}
+""" for x in suffixes)
+        devices = "".join(f"""\
+Device {{
+  Name = LabFileDev{x}
+  Media Type = File
+  Archive Device = "{root}/volumes"
+  LabelMedia = yes
+  Random Access = yes
+  AutomaticMount = yes
+  RemovableMedia = no
+  AlwaysOpen = no
+  Maximum Concurrent Jobs = 5
+}}
+""" for x in suffixes)
         director = f"""\
 Director {{
   Name = lab-dir
@@ -143,16 +199,7 @@ Client {{
   Password = "{pw}-fd"
   AutoPrune = no
 }}
-Storage {{
-  Name = LabFile
-  Address = 127.0.0.1
-  SDPort = {self.sd_port}
-  Password = "{pw}-sd"
-  Device = LabFileDev
-  Media Type = File
-  Maximum Concurrent Jobs = 5
-}}
-Pool {{
+{clients}{storages}Pool {{
   Name = LabPool
   Pool Type = Backup
   Recycle = yes
@@ -160,7 +207,7 @@ Pool {{
   Volume Retention = 1 day
   Maximum Volumes = 100
   Label Format = "LabVol-"
-  Maximum Volume Jobs = 1
+  Maximum Volume Jobs = {self.volume_jobs}
 }}
 Messages {{
   Name = Standard
@@ -208,23 +255,12 @@ Storage {{
   Maximum Concurrent Jobs = 20
 }}
 Director {{ Name = lab-dir; Password = "{pw}-sd" }}
-Device {{
-  Name = LabFileDev
-  Media Type = File
-  Archive Device = "{root}/volumes"
-  LabelMedia = yes
-  Random Access = yes
-  AutomaticMount = yes
-  RemovableMedia = no
-  AlwaysOpen = no
-  Maximum Concurrent Jobs = 5
-}}
-Messages {{ Name = Standard; director = lab-dir = all }}
+{devices}Messages {{ Name = Standard; director = lab-dir = all }}
 """
-        filedaemon = f"""\
+        filedaemons = [f"""\
 FileDaemon {{
-  Name = lab-fd
-  FDport = {self.fd_port}
+  Name = {self.client(n)}
+  FDport = {self.fd_port_of(n)}
   FDAddress = 127.0.0.1
   WorkingDirectory = "{work}"
   Pid Directory = "{root}/pids"
@@ -233,11 +269,13 @@ FileDaemon {{
 }}
 Director {{ Name = lab-dir; Password = "{pw}-fd" }}
 Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
-"""
+""" for n in range(self.file_daemons)]
         console = (f'Director {{ Name = lab-dir; DIRport = {self.dir_port}; '
                    f'address = 127.0.0.1; Password = "{pw}-dir" }}\n')
-        for name, text in (("bacula-dir.conf", director), ("bacula-sd.conf", storage),
-                           ("bacula-fd.conf", filedaemon), ("bconsole.conf", console)):
+        confs = [("bacula-dir.conf", director), ("bacula-sd.conf", storage),
+                 ("bconsole.conf", console)]
+        confs += [(f"bacula-{self._fd(n)}.conf", text) for n, text in enumerate(filedaemons)]
+        for name, text in confs:
             path = self.etc / name
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -252,15 +290,19 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
     def start(self, *, timeout: float = 20.0) -> None:
         self.write_configs()
         self.make_catalog()
-        daemons = {"sd": self.sd_port, "fd": self.fd_port, "dir": self.dir_port}
+        daemons = {"sd": self.sd_port,
+                   **{self._fd(n): self.fd_port_of(n) for n in range(self.file_daemons)},
+                   "dir": self.dir_port}
         for d in daemons:
-            exe, conf = self.programs[f"bacula-{d}"], self.etc / f"bacula-{d}.conf"
+            exe = self.programs["bacula-fd" if d.startswith("fd") else f"bacula-{d}"]
+            conf = self.etc / f"bacula-{d}.conf"
             test = subprocess.run([exe, "-t", "-c", str(conf)], capture_output=True,
                                   text=True, timeout=60, check=False)
             if test.returncode != 0:
                 raise RuntimeError(f"bacula-{d} -t refused {conf}: {test.stdout}{test.stderr}")
         for d in daemons:
-            exe, conf = self.programs[f"bacula-{d}"], self.etc / f"bacula-{d}.conf"
+            exe = self.programs["bacula-fd" if d.startswith("fd") else f"bacula-{d}"]
+            conf = self.etc / f"bacula-{d}.conf"
             with (self.root / "log" / f"{d}.out").open("wb") as out:
                 self.procs[d] = subprocess.Popen(
                     [exe, "-f", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out,
@@ -274,6 +316,10 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"bacula-{d} does not listen on {port}")
                 time.sleep(0.05)
+
+    @staticmethod
+    def _fd(n: int) -> str:
+        return "fd" if n == 0 else f"fd{n + 1}"
 
     def daemon_output(self, d: str) -> str:
         path = self.root / "log" / f"{d}.out"
@@ -330,6 +376,17 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
         if row is None:
             raise RuntimeError(f"job {job_id} is not in the catalog")
         return JobResult(job_id, row[0], int(row[1]), int(row[2]), int(row[3]))
+
+    def job_row(self, job_id: int) -> dict[str, object]:
+        """The catalog's Job row with the client's name (``Client``)."""
+        with sqlite3.connect(f"file:{self.catalog}?mode=ro", uri=True) as db:
+            db.row_factory = sqlite3.Row
+            row = db.execute("select Job.*, Client.Name as Client from Job join Client "
+                             "using (ClientId) where JobId = ?", (job_id,)).fetchone()
+        db.close()
+        if row is None:
+            raise RuntimeError(f"job {job_id} is not in the catalog")
+        return dict(row)
 
     def job_log(self) -> str:
         path = self.root / "log" / "jobs.log"
