@@ -1,7 +1,16 @@
 """Read one tgtd LUN into a raw file with our initiator and with `qemu-img convert` (libiscsi,
-in C), in the same run, and print JSON: MB/s, ratio, CPU seconds per GiB, peak RSS.
+in C), in the same run, and print JSON: MB/s, ratio, CPU seconds per GiB, peak RSS. Then the
+full backup pipeline over `data_path=iscsi` against a raw read of the same disk over iSCSI.
 
     .venv/bin/python bench/iscsi_read.py [--size-gib 2] [--runs 3] [--queue-depth 4]
+                                         [--pipeline-gib 2] [--no-tgtd]
+
+The pipeline part serves the Prism simulator (with its iSCSI target on the DSIP) in its own
+process. The raw read is our initiator reading a volume group cloned from the VM's disk into a
+raw file; the pipeline is `ahvbackup backup` of that VM (snapshot, VG staged from the snapshot,
+login, reads in flight, encoding, the directory repository). `pipeline_ratio` compares the
+job's read phase (staging excluded, as the raw read's VG exists beforehand) with the raw read;
+`pipeline_whole_job_ratio` compares the whole job.
 
 Needs root, tgt, qemu-utils and qemu-block-extra. Each reader runs as its own child process so
 CPU time and peak RSS are its own (wait4). The LUN holds non-zero data (qemu-img would skip
@@ -80,6 +89,92 @@ def run_child(cmd: list[str], *, tgtd_pid: int) -> dict[str, float]:
             "peak_rss_mib": hwm_kib / 1024, "tgtd_cpu_s": proc_cpu(tgtd_pid) - t_cpu0}
 
 
+def child_sim(args: argparse.Namespace) -> None:
+    """Serve the simulator state in this process; print the endpoints as one JSON line."""
+    import trio
+
+    from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
+
+    async def main() -> None:
+        sim = Simulator(Path(args.state), sync=False, task_seconds=0.05)
+        async with serve_simulator(sim, port=0, tls=True, iscsi_port=0) as ep:
+            (portal,) = ep.iscsi_portals.values()
+            print(json.dumps({"pc": ep.pc_url.split("://", 1)[1], "pe": ep.pe_url,
+                              "ca": str(ep.ca_path), "portal": list(portal)}), flush=True)
+            await trio.sleep_forever()
+
+    trio.run(main)
+
+
+def pipeline(args: argparse.Namespace, work: Path) -> dict[str, object]:
+    """Raw iSCSI read of a VG vs the full backup job over data_path=iscsi, same disk."""
+    import ssl
+    import uuid
+
+    import httpx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _simproc import Served, add_vm, job_args, run_cli_measured
+
+    size = int(args.pipeline_gib * GiB) // MiB * MiB
+    vm_uuid = add_vm(work / "sim", "bench-vm", size, [(0, size)])
+    sim = subprocess.Popen([sys.executable, __file__, "--child-sim", "--state",
+                            str(work / "sim")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert sim.stdout is not None
+        info = json.loads(sim.stdout.readline())
+        host, port = info["portal"]
+        served = Served(pc=info["pc"], ca=info["ca"], state=work / "sim")
+        tls = ssl.create_default_context(cafile=info["ca"])
+        auth = ("backup", "backup/4u")
+        with httpx.Client(verify=tls, auth=auth, timeout=600) as c:
+            vm = c.get(f"https://{info['pc']}/api/nutanix/v3/vms/{vm_uuid}").json()
+            disk_uuid = vm["spec"]["resources"]["disk_list"][0]["uuid"]
+            vgs = f"{info['pe']}/api/nutanix/v2.0/volume_groups"
+            vg_uuid = str(uuid.uuid4())
+            c.post(vgs, json={"uuid": vg_uuid, "name": "bench-raw", "disk_list": [
+                {"vmdisk_clone_spec": {"vmdisk_uuid": disk_uuid}}]}).raise_for_status()
+            target = c.get(f"{vgs}/{vg_uuid}").json()["iscsi_target"]
+            c.post(f"{vgs}/{vg_uuid}/open", json={"iscsi_client": {
+                "client_address": INITIATOR_IQN}, "operation": "ATTACH"}).raise_for_status()
+            out = work / "raw.out"
+            raw = run_child([sys.executable, __file__, "--child-ours", "--host", host,
+                             "--port", str(port), "--iqn", target, "--out", str(out),
+                             "--queue-depth", str(args.queue_depth),
+                             "--chunk-mib", str(args.chunk_mib),
+                             "--segment-kib", str(args.segment_kib)], tgtd_pid=sim.pid)
+            assert out.stat().st_size == size
+            out.unlink()
+            c.delete(f"{vgs}/{vg_uuid}").raise_for_status()
+        result, rss_kib = run_cli_measured([
+            "backup", *job_args(served, work, vm="bench-vm", data_path="iscsi",
+                                iscsi_port=port, iscsi_initiator=INITIATOR_IQN,
+                                chunk_size_mib=args.pipeline_chunk_mib)])
+    finally:
+        sim.terminate()
+        sim.wait(timeout=30)
+    job_s = float(result["seconds"])  # type: ignore[arg-type]
+    read_s = sum(d["read_seconds"] for v in result["vms"]  # type: ignore[attr-defined]
+                 for d in v["disks"])
+    assert int(result["bytes_read"]) == size, result["bytes_read"]  # type: ignore[call-overload]
+    raw_mbs = size / raw["wall_s"] / 1e6
+    return {
+        "disk_bytes": size,
+        "raw_read": {"mb_per_s": round(raw_mbs, 1),
+                     "cpu_s_per_gib": round(raw["cpu_s"] / (size / GiB), 3),
+                     "peak_rss_mib": round(raw["peak_rss_mib"], 1),
+                     "queue_depth": args.queue_depth, "chunk_mib": args.chunk_mib},
+        "pipeline": {"read_phase_mb_per_s": round(size / read_s / 1e6, 1),
+                     "whole_job_mb_per_s": round(size / job_s / 1e6, 1),
+                     "whole_job_seconds": round(job_s, 3),
+                     "chunk_size_mib": args.pipeline_chunk_mib,
+                     "peak_rss_mib": round(rss_kib / 1024, 1)},
+        "pipeline_ratio": round(raw["wall_s"] / read_s, 3),
+        "pipeline_whole_job_ratio": round(raw["wall_s"] / job_s, 3),
+        "simulator_cpu_s_per_gib_raw": round(raw["tgtd_cpu_s"] / (size / GiB), 3),
+    }
+
+
 def child_ours(args: argparse.Namespace) -> None:
     import trio
 
@@ -87,7 +182,7 @@ def child_ours(args: argparse.Namespace) -> None:
 
     async def main() -> None:
         async with IscsiSession.connect(
-            portal=("127.0.0.1", args.port), target_iqn=args.iqn, initiator_iqn=INITIATOR_IQN,
+            portal=(args.host, args.port), target_iqn=args.iqn, initiator_iqn=INITIATOR_IQN,
             queue_depth=args.queue_depth, max_transfer=args.chunk_mib * MiB,
             max_recv_segment=args.segment_kib * 1024, digests=args.digests,
         ) as s:
@@ -129,7 +224,15 @@ def main() -> None:
     ap.add_argument("--digests", action="store_true", help="CRC32C header+data digests")
     ap.add_argument("--write-in-thread", action="store_true")
     ap.add_argument("--dir", default=None, help="where the LUN image and outputs go")
+    ap.add_argument("--pipeline-gib", type=float, default=2.0,
+                    help="disk size of the pipeline comparison (0: skip it)")
+    ap.add_argument("--pipeline-chunk-mib", type=int, default=4,
+                    help="chunk_size_mib of the backup job")
+    ap.add_argument("--no-tgtd", action="store_true", help="skip the tgtd/qemu-img part")
     ap.add_argument("--child-ours", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-sim", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--state", help=argparse.SUPPRESS)
+    ap.add_argument("--host", default="127.0.0.1", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--iqn", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -137,7 +240,22 @@ def main() -> None:
     if args.child_ours:
         child_ours(args)
         return
+    if args.child_sim:
+        child_sim(args)
+        return
+    report: dict[str, object] = {"benchmark": "iscsi_read", "nproc": os.cpu_count()}
+    if not args.no_tgtd:
+        report.update(tgtd_vs_qemu_img(args))
+    if args.pipeline_gib > 0:
+        work = Path(tempfile.mkdtemp(prefix="iscsi-pipeline-", dir=args.dir))
+        try:
+            report["pipeline_over_iscsi"] = pipeline(args, work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(report, indent=2))
 
+
+def tgtd_vs_qemu_img(args: argparse.Namespace) -> dict[str, object]:
     from ahvbackup.transports.iscsi.testing import TgtdTarget
 
     if not shutil.which("qemu-img"):
@@ -187,8 +305,7 @@ def main() -> None:
         }
 
     ours, peer = summary(results["ours"]), summary(results["qemu_img"])
-    print(json.dumps({
-        "benchmark": "iscsi_read",
+    return {
         "lun_bytes": size,
         "output": "raw file (same filesystem) for both",
         "runs": args.runs,
@@ -197,8 +314,7 @@ def main() -> None:
         "qemu_img_convert": peer,
         "ratio_ours_vs_qemu_img": round(
             float(ours["mb_per_s_median"]) / float(peer["mb_per_s_median"]), 3),  # type: ignore[arg-type]
-        "nproc": os.cpu_count(),
-    }, indent=2))
+    }
 
 
 if __name__ == "__main__":
