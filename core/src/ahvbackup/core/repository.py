@@ -8,6 +8,11 @@ Layout::
 A backup is written into ``.partial-<backup id>-<pid>`` beside its final place and renamed into
 place only after every stream and the manifest are on disk (fsynced), so an interrupted backup
 never looks complete; the next run removes partial folders whose process is gone.
+
+Consolidation replaces a backup in place (same id): the old folder is first renamed to
+``.replaced-<backup id>-<pid>``, the new one renamed in, then the old one removed. A process
+killed between the two renames leaves the old folder, which the next sweep puts back.
+Removing a backup renames it to ``.removing-...`` first, so it stops being listed at once.
 """
 
 from __future__ import annotations
@@ -44,7 +49,11 @@ def new_backup_id() -> str:
 
 
 class _DirectoryBackupWriter(BackupWriter):
-    def __init__(self, sink: DirectorySink, vm: VmInfo, backup_id: str, level: str) -> None:
+    def __init__(
+        self, sink: DirectorySink, vm: VmInfo, backup_id: str, level: str, *,
+        replace: bool = False,
+    ) -> None:
+        self.replace = replace
         self.vm = vm
         self.backup_id = backup_id
         self.level = level
@@ -71,13 +80,24 @@ class _DirectoryBackupWriter(BackupWriter):
         doc = dict(manifest)
         atomic_write_json(self.partial / MANIFEST, doc)
         fsync_dir(self.partial)
-        os.rename(self.partial, self.final)
+        if self.replace and self.final.exists():
+            old = self.final.with_name(f".replaced-{self.backup_id}-{os.getpid()}")
+            os.rename(self.final, old)
+            os.rename(self.partial, self.final)
+            fsync_dir(self.final.parent)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.partial, self.final)
         fsync_dir(self.final.parent)
         log.debug("repository: backup %s of %s committed", self.backup_id, self.vm.name)
         return _stored(self.final, doc)
 
     async def abort(self) -> None:
         await trio.to_thread.run_sync(shutil.rmtree, self.partial, True)
+
+    def open_written(self, label: str) -> BinaryIO:
+        """Read back a stream written in this (uncommitted) backup, e.g. to verify it."""
+        return open(self.partial / f"{label}{STREAM_SUFFIX}", "rb")  # noqa: SIM115
 
 
 def _flush_sync(f: BinaryIO) -> None:
@@ -101,6 +121,7 @@ def _stored(path: Path, doc: Mapping[str, Any]) -> StoredBackup:
 class DirectorySink(Sink):
     name = "directory"
     summary = "local directory repository (the embedded default)"
+    keeps_chains = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -113,9 +134,43 @@ class DirectorySink(Sink):
     async def begin(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter:
         return _DirectoryBackupWriter(self, vm, backup_id, level)
 
+    async def begin_replace(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter:
+        """Write a new version of an existing backup (same id); it replaces the old one at
+        commit (consolidation)."""
+        return _DirectoryBackupWriter(self, vm, backup_id, level, replace=True)
+
+    async def remove(self, backup: StoredBackup) -> None:
+        """Remove one complete backup."""
+        path = self.path_of(backup)
+        doomed = path.with_name(f".removing-{backup.backup_id}-{os.getpid()}")
+        try:
+            os.rename(path, doomed)
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise SinkError(
+                f"repository: cannot remove backup {backup.backup_id} ({err.strerror})"
+            ) from err
+        fsync_dir(path.parent)
+        await trio.to_thread.run_sync(shutil.rmtree, doomed, True)
+
     def sweep_partials(self) -> list[Path]:
         """Remove partial backups whose writer process is gone; returns what was removed."""
         removed = []
+        for old in self.root.glob("*/.replaced-*"):
+            old_id, old_pid = old.name[len(".replaced-"):].rsplit("-", 1)
+            if old_pid.isdigit() and int(old_pid) != os.getpid() and not Path(
+                f"/proc/{old_pid}"
+            ).exists():
+                final = old.with_name(old_id)
+                if final.exists():
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(old, final)
+                removed.append(old)
+        for doomed in self.root.glob("*/.removing-*"):
+            shutil.rmtree(doomed, ignore_errors=True)
+            removed.append(doomed)
         for partial in self.root.glob("*/.partial-*"):
             try:
                 pid = int(partial.name.rsplit("-", 1)[1])

@@ -1,9 +1,11 @@
 """Per-VM state: what the next backup of a VM builds on.
 
 `state_dir/<vm uuid>/state.json` holds, per disk, the snapshot the last successful backup read
-(the reference for the next incremental), the disk size then, and the backup it went into. It is
-written atomically (write, fsync, rename) and only after the backup it describes is complete. A
-missing or unreadable file is not an error: the next backup is a full, with a warning.
+(the reference for the next incremental), the snapshot of the last full (the reference for a
+differential), the disk size then, and the backups they went into. Those snapshots are kept on
+the cluster for as long as the state names them, and no longer. The file is written atomically
+(write, fsync, rename) and only after the backup it describes is complete. A missing or
+unreadable file is not an error: the next backup is a full, with a warning.
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ class DiskState:
     handle: str  # the disk's snapshot handle (AHV: snapshot file path) for changed regions
     backup_id: str  # the backup whose stream holds this disk at that snapshot
     full_backup_id: str  # the full this chain starts from
+    #: the last full's snapshot and handle, kept as the reference of differentials
+    full_snapshot_id: str = ""
+    full_handle: str = ""
+    #: set when the trust check found change tracking wrong: the next backup reads it in full
+    force_full: str = ""
+
+    def snapshot_ids(self) -> set[str]:
+        return {s for s in (self.snapshot_id, self.full_snapshot_id) if s}
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,11 @@ class VmState:
     disks: dict[str, DiskState] = field(default_factory=dict)
     last_backup_id: str = ""
     last_full_backup_id: str = ""
+    cluster_uuid: str = ""
+
+    def snapshot_ids(self) -> set[str]:
+        """Every snapshot this state keeps on the cluster."""
+        return {s for d in self.disks.values() for s in d.snapshot_ids()}
 
 
 class StateStore:
@@ -65,11 +80,24 @@ class StateStore:
                     vm_uuid=raw["vm_uuid"], vm_name=raw["vm_name"], disks=disks,
                     last_backup_id=raw.get("last_backup_id", ""),
                     last_full_backup_id=raw.get("last_full_backup_id", ""),
+                    cluster_uuid=raw.get("cluster_uuid", ""),
                 ),
                 None,
             )
         except (OSError, ValueError, KeyError, TypeError) as err:
             return None, f"state file {path} is unreadable ({err}); taking a full"
+
+    def exists(self, vm_uuid: str) -> bool:
+        return self._path(vm_uuid).exists()
+
+    def all(self) -> list[VmState]:
+        """Every readable state (unreadable ones are skipped)."""
+        out = []
+        for path in sorted(self.dir.glob("*/state.json")):
+            state, _ = self.load(path.parent.name)
+            if state is not None:
+                out.append(state)
+        return out
 
     def save(self, state: VmState) -> None:
         path = self._path(state.vm_uuid)

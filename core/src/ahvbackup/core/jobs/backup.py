@@ -4,6 +4,11 @@ One nursery per job, one per VM, one per disk (style.md, async). Stages are join
 memory channels (reader -> encoder -> sink), so memory does not grow with disk size. A failed
 disk fails its VM, never the other VMs; every remote resource is on the cleanup ledger and is
 released in reverse order however the job ends.
+
+Levels: a full reads each disk's allocation map; an incremental (or differential) reads the
+changed regions against the reference snapshot in the VM's state and writes a delta stream that
+names its reference. Any disk that cannot be a delta is read in full in the same job, with a
+warning (`references.py`); on success the new snapshot becomes the reference.
 """
 
 from __future__ import annotations
@@ -11,23 +16,30 @@ from __future__ import annotations
 __all__ = ["BackupJob"]
 
 import logging
+import math
+import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 import trio
 
-from .. import __version__, log as msgs
-from ..drivers import BackupWriter, DataPath, HypervisorSession
-from ..errors import AhvBackupError, ConfigError, HypervisorError, our_errors
+from .. import __version__
+from .. import log as msgs
+from ..drivers import BackupWriter, DataPath, HypervisorSession, StoredBackup
+from ..errors import AhvBackupError, ApiError, ConfigError, HypervisorError, SinkError, our_errors
 from ..ledger import ReleaseStack
-from ..model import DiskSnapshot, VmInfo, VmSnapshot
+from ..model import DiskSnapshot, Region, VmInfo, VmSnapshot
+from ..plugins import load_driver
 from ..repository import new_backup_id
 from ..state import DiskState, VmState
-from ..stream import MAX_DATA_LENGTH, StreamHeader
+from ..stream import MAX_DATA_LENGTH, StreamHeader, StreamReader
+from .chain import ChainImage, resolve_chain
 from .encode import encode_disk
 from .readahead import Chunk, read_chunks
+from .references import DiskPlan, RetainingStack, plan_disk, unreferenced
 from .results import DiskResult, JobResult, VmResult
+from .retention import apply_retention
 from .runtime import Runtime, resolve_data_path
 from .selection import select_vms
 
@@ -35,6 +47,10 @@ log = logging.getLogger("ahvbackup.backup")
 
 #: bytes of reads in flight per disk (memory per disk is this plus two chunks)
 READ_WINDOW = 32 << 20
+#: piece size of the change-tracking trust check (verify_unchanged_sample)
+SAMPLE_BLOCK = 1 << 20
+#: what the cluster answers when a reference snapshot (file) is gone or unusable
+_REFERENCE_GONE = (404, 410, 422)
 
 Progress = Callable[[int], None]
 
@@ -53,9 +69,11 @@ class BackupJob:
             raise ConfigError(
                 f"mode: {self.cfg.mode!r} is not a backup mode (use backup or estimate)"
             )
-        if self.cfg.level != "full":
+        self.keeps_chains = bool(getattr(load_driver("sink", self.cfg.sink), "keeps_chains", False))
+        if self.cfg.level != "full" and not self.keeps_chains:
             raise ConfigError(
-                f"level: {self.cfg.level!r} backups are not available yet; use level=full"
+                f"level: {self.cfg.level} backups need a sink that keeps chains; the "
+                f"{self.cfg.sink} sink does not yet (use level=full, or sink=directory)"
             )
 
     async def run(self) -> JobResult:
@@ -144,7 +162,15 @@ class BackupJob:
         backup_id = new_backup_id()
         created = time.time()
         app = self._consistency(vm, vr)
-        async with ReleaseStack(rt.ledger, owner=rt.job_id, releaser=session.release) as stack:
+        old_state, state_problem = rt.states.load(vm.uuid)
+        if state_problem:
+            log.warning("VM %s: %s", vm.name, state_problem)
+            vr.warnings.append(f"VM {vm.name}: {state_problem}")
+        backups: dict[str, StoredBackup] = {}
+        if cfg.level != "full" and old_state is not None:
+            backups = {b.backup_id: b for b in await rt.sink.backups(vm.uuid)}
+        stack = RetainingStack(rt.ledger, owner=rt.job_id, releaser=session.release)
+        async with stack:
             name = f"ahvbackup-{rt.job_id}-{vm.name}"
             try:
                 snap = await session.snapshot_vm(
@@ -165,12 +191,19 @@ class BackupJob:
                 job_id=rt.job_id, vm_uuid=vm.uuid, snapshot_id=snap.id,
                 consistency=snap.consistency,
             )
+            wanted = self._wanted_disks(vm, snap)
+            plans = {
+                d.disk.uuid: plan_disk(
+                    level=cfg.level, vm_name=vm.name, disk=d, state=old_state,
+                    state_problem=state_problem, backups=backups,
+                )
+                for d in wanted
+            }
             if cfg.mode == "estimate":
-                await self._estimate(session, snap, vr)
+                await self._estimate(session, vm, wanted, plans, vr)
                 return
             assert datapath is not None
             writer = await rt.sink.begin(vm, backup_id=backup_id, level=cfg.level)
-            wanted = self._wanted_disks(vm, snap)
             try:
                 slots = trio.Semaphore(cfg.concurrent_disks)
                 async with trio.open_nursery() as nursery:
@@ -179,35 +212,99 @@ class BackupJob:
                         vr.disks.append(dr)
                         await slots.acquire()
                         nursery.start_soon(
-                            self._disk, session, datapath, vm, snap, disk, writer, dr, backup_id,
-                            slots,
+                            self._disk, session, datapath, vm, snap, disk, plans[disk.disk.uuid],
+                            writer, dr, backup_id, slots,
                         )
                 failed = [d.label for d in vr.disks if not d.ok]
                 if failed:
                     vr.error = f"disk(s) {', '.join(failed)} failed; no backup of this VM was kept"
                     raise _VmFailed(vr.error)
+                for dr in vr.disks:
+                    vr.warnings += dr.warnings
+                removed = self._removed_disks(vm, old_state)
+                for r in removed:
+                    warning = (f"VM {vm.name}: disk {r['label']} ({r['uuid']}) was removed since "
+                               "the last backup; recorded in the manifest")
+                    log.warning("%s", warning)
+                    vr.warnings.append(warning)
                 stored = await writer.commit(
-                    self._manifest(vm, snap, vr, backup_id=backup_id, created=created)
+                    self._manifest(vm, snap, vr, backup_id=backup_id, created=created,
+                                   removed=removed)
                 )
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await writer.abort()
                 raise
-        vr.backup_id = stored.backup_id
+            vr.backup_id = stored.backup_id
+            self._retain(vm, snap, vr, old_state, backup_id, stack)
         vr.ok = True
-        rt.states.save(VmState(
-            vm_uuid=vm.uuid, vm_name=vm.name, last_backup_id=backup_id,
-            last_full_backup_id=backup_id,
-            disks={
-                d.disk.uuid: DiskState(
-                    disk_uuid=d.disk.uuid, label=d.disk.label, size=d.size, snapshot_id=snap.id,
-                    handle=d.handle, backup_id=backup_id, full_backup_id=backup_id,
-                )
-                for d in snap.disks
-                if any(r.label == d.disk.label for r in vr.disks)
-            },
-        ))
         log.info(msgs.backup_complete(vm.name, len(vr.disks), vr.bytes_read, vr.bytes_stored))
+        if cfg.keep_fulls or cfg.keep_days:
+            dropped = await apply_retention(rt, vm_uuid=vm.uuid, keep_fulls=cfg.keep_fulls,
+                                            keep_days=cfg.keep_days)
+            for b in dropped:
+                log.info("retention: removed backup %s of %s", b, vm.name)
+
+    def _retain(
+        self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, old: VmState | None, backup_id: str,
+        stack: RetainingStack,
+    ) -> None:
+        """Make the new snapshot the reference in state; queue unreferenced ones for deletion."""
+        rt = self.rt
+        by_label = {d.label: d for d in vr.disks}
+        disks = {} if old is None else {
+            u: d for u, d in old.disks.items()
+            if any(s.disk.uuid == u for s in snap.disks) and d.label not in by_label
+        }
+        for d in snap.disks:
+            dr = by_label.get(d.disk.label)
+            if dr is None:
+                continue
+            prev = old.disks.get(d.disk.uuid) if old is not None else None
+            full = dr.kind == "full" or prev is None
+            sid, handle = (snap.id, d.handle) if self.keeps_chains else ("", "")
+            disks[d.disk.uuid] = DiskState(
+                disk_uuid=d.disk.uuid, label=d.disk.label, size=d.size, snapshot_id=sid,
+                handle=handle, backup_id=backup_id,
+                full_backup_id=backup_id if full else prev.full_backup_id,  # type: ignore[union-attr]
+                full_snapshot_id=sid if full else prev.full_snapshot_id,  # type: ignore[union-attr]
+                full_handle=handle if full else prev.full_handle,  # type: ignore[union-attr]
+                force_full=dr.trust_mismatch,
+            )
+        new = VmState(
+            vm_uuid=vm.uuid, vm_name=vm.name, disks=disks, last_backup_id=backup_id,
+            last_full_backup_id=(
+                backup_id if all(d.kind == "full" for d in vr.disks)
+                else (old.last_full_backup_id if old else "")
+            ),
+            cluster_uuid=vm.cluster_uuid,
+        )
+        doomed = [
+            stack.record("snapshot", sid, cluster=(old.cluster_uuid if old and old.cluster_uuid
+                                                   else vm.cluster_uuid), vm=vm.name)
+            for sid in sorted(unreferenced(old, new))
+        ]
+        try:
+            rt.states.save(new)
+        except OSError as err:
+            for rec in doomed:
+                stack.keep(rec)  # the old state still names them
+            raise SinkError(
+                f"VM {vm.name}: cannot write its state in {rt.states.dir} ({err.strerror}); "
+                f"backup {backup_id} is stored but the next backup builds on the previous one"
+            ) from err
+        if snap.id in new.snapshot_ids():
+            kept = stack.held("snapshot", snap.id)
+            if kept is not None:
+                stack.keep(kept)
+
+    def _removed_disks(self, vm: VmInfo, old: VmState | None) -> list[dict[str, Any]]:
+        if old is None or self.disks:
+            return []
+        now = {d.uuid for d in vm.disks}
+        return [{"uuid": d.disk_uuid, "label": d.label, "size": d.size,
+                 "last_backup": d.backup_id}
+                for d in old.disks.values() if d.disk_uuid not in now]
 
     def _wanted_disks(self, vm: VmInfo, snap: VmSnapshot) -> list[DiskSnapshot]:
         if not self.disks:
@@ -220,40 +317,80 @@ class BackupJob:
             )
         return [d for d in snap.disks if d.disk.label in self.disks]
 
-    async def _estimate(self, session: HypervisorSession, snap: VmSnapshot, vr: VmResult) -> None:
+    async def _estimate(
+        self, session: HypervisorSession, vm: VmInfo, wanted: list[DiskSnapshot],
+        plans: dict[str, DiskPlan], vr: VmResult,
+    ) -> None:
         """mode=estimate: what a backup would read, from the region maps alone."""
-        for disk in snap.disks:
+        for disk in wanted:
             dr = DiskResult(label=disk.disk.label, size=disk.size, ok=True)
-            async for region in session.regions(disk):
+            plan, regions = await self._regions(session, vm, disk, plans[disk.disk.uuid])
+            dr.kind = plan.kind
+            if plan.warning:
+                dr.warnings.append(plan.warning)
+                log.warning("%s", plan.warning)
+            async for region in regions:
                 if region.zero:
                     dr.zero_bytes += region.length
                 else:
                     dr.estimated_bytes += region.length
             vr.disks.append(dr)
+            vr.warnings += dr.warnings
         vr.ok = True
         log.info("estimate: VM %s disks=%d would read %d bytes of %d", vr.vm_name,
                  len(vr.disks), sum(d.estimated_bytes for d in vr.disks),
                  sum(d.size for d in vr.disks))
 
+    async def _regions(
+        self, session: HypervisorSession, vm: VmInfo, disk: DiskSnapshot, plan: DiskPlan
+    ) -> tuple[DiskPlan, AsyncIterator[Region]]:
+        """The region map for `plan`; a reference the cluster no longer has turns it into a
+        full (asked before any data moves, so the stream's kind is known up front)."""
+        if plan.kind == "full":
+            return plan, _coalesce(session.regions(disk))
+        it = aiter(session.regions(disk, reference=plan.reference_handle))
+        try:
+            first = await anext(it, None)
+        except ApiError as err:
+            if err.status not in _REFERENCE_GONE:
+                raise
+            why = (f"VM {vm.name} disk {disk.disk.label}: reference snapshot "
+                   f"{plan.reference_snapshot_id} is gone on the cluster ({err}); "
+                   "reading it in full")
+            return plan.full(why), _coalesce(session.regions(disk))
+        return plan, _coalesce(_prepend(first, it))
+
     async def _disk(
         self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot,
-        disk: DiskSnapshot, writer: BackupWriter, dr: DiskResult, backup_id: str,
-        slots: trio.Semaphore,
+        disk: DiskSnapshot, plan: DiskPlan, writer: BackupWriter, dr: DiskResult,
+        backup_id: str, slots: trio.Semaphore,
     ) -> None:
-        rt, cfg = self.rt, self.cfg
+        rt = self.rt
         try:
             rt.hooks.disk_started(job_id=rt.job_id, vm_name=vm.name, disk=dr.label, size=disk.size)
             try:
+                plan, regions = await self._regions(session, vm, disk, plan)
+                dr.kind = plan.kind
+                if plan.warning:
+                    log.warning("%s", plan.warning)
+                    dr.warnings.append(plan.warning)
+                if plan.reference_backup is not None:
+                    dr.reference_backup = plan.reference_backup.backup_id
+                    dr.reference_snapshot = plan.reference_snapshot_id
                 async with ReleaseStack(
                     rt.ledger, owner=rt.job_id, releaser=session.release
                 ) as stack:
                     t0 = time.monotonic()
                     reader = await datapath.open(session, disk, stack=stack)
                     t1 = time.monotonic()
+                    changed: list[tuple[int, int]] = []
                     try:
                         dr.bytes_stored = await self._stream_disk(
-                            session, datapath, vm, snap, disk, reader, writer, dr, backup_id
+                            session, datapath, vm, snap, disk, plan, _noting(regions, changed),
+                            reader, writer, dr, backup_id,
                         )
+                        if plan.kind != "full" and self.cfg.verify_unchanged_sample > 0:
+                            await self._trust_check(vm, disk, plan, reader, changed, dr)
                     finally:
                         with trio.CancelScope(shield=True):
                             await reader.aclose()
@@ -278,21 +415,78 @@ class BackupJob:
         finally:
             slots.release()
 
+    async def _trust_check(
+        self, vm: VmInfo, disk: DiskSnapshot, plan: DiskPlan, reader: Any,
+        changed: list[tuple[int, int]], dr: DiskResult,
+    ) -> None:
+        """verify_unchanged_sample: re-read a random sample of what change tracking called
+        unchanged and compare it with the reference backup. A mismatch is reported loudly and
+        the disk is read in full next time."""
+        assert plan.reference_backup is not None and plan.reference_entry is not None
+        pieces = []
+        pos = 0
+        for start, end in [*changed, (disk.size, disk.size)]:
+            while pos < start:
+                n = min(SAMPLE_BLOCK - pos % SAMPLE_BLOCK, start - pos)
+                pieces.append((pos, n))
+                pos += n
+            pos = max(pos, end)
+        if not pieces:
+            return
+        count = max(1, math.ceil(len(pieces) * self.cfg.verify_unchanged_sample / 100))
+        sample = sorted(random.sample(pieces, min(count, len(pieces))))
+        backups = {b.backup_id: b for b in await self.rt.sink.backups(vm.uuid)}
+        links = resolve_chain(backups, plan.reference_backup, plan.reference_entry)
+        image = await trio.to_thread.run_sync(ChainImage, self.rt.sink, links)
+        mismatched = []
+        try:
+            for off, n in sample:
+                now = bytearray(n)
+                await reader.read_into(off, memoryview(now))
+                before = await trio.to_thread.run_sync(image.read, off, n)
+                dr.sampled_bytes += n
+                if before != now:
+                    mismatched.append(off)
+        finally:
+            image.close()
+        if mismatched:
+            dr.trust_mismatch = (
+                f"change tracking missed changes at {len(mismatched)} of {len(sample)} sampled "
+                f"unchanged regions (first at offset {mismatched[0]}) in backup of "
+                f"{dr.label}"
+            )
+            warning = (f"VM {vm.name} disk {dr.label}: TRUST CHECK FAILED: "
+                       f"{dr.trust_mismatch}; this delta may be incomplete, the next backup "
+                       "reads the disk in full")
+            log.error("%s", warning)
+            dr.warnings.append(warning)
+        else:
+            log.info("VM %s disk %s: trust check: %d sampled unchanged bytes match the "
+                     "reference backup", vm.name, dr.label, dr.sampled_bytes)
+
     async def _stream_disk(
-        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot, disk: DiskSnapshot,
-        reader: Any, writer: BackupWriter, dr: DiskResult, backup_id: str,
+        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot,
+        disk: DiskSnapshot, plan: DiskPlan, regions: AsyncIterator[Region], reader: Any,
+        writer: BackupWriter, dr: DiskResult, backup_id: str,
     ) -> int:
-        cfg = self.cfg
         chunk_size = min(datapath.read_size(), MAX_DATA_LENGTH)
         inflight = max(2, min(8, READ_WINDOW // chunk_size))
         chunks_send, chunks_recv = trio.open_memory_channel[Chunk](0)
         # unbuffered: the encoder recycles a buffer once the sink asked for the next item
         bytes_send, bytes_recv = trio.open_memory_channel[bytes | memoryview](0)
+        ref_backup = ref_stream = ""
+        if plan.kind != "full":
+            assert plan.reference_backup is not None and plan.reference_entry is not None
+            ref_backup = plan.reference_backup.backup_id
+            ref_stream = await self._stream_id(plan.reference_backup, plan.reference_entry)
         header = StreamHeader(
-            kind="full", vm_uuid=vm.uuid, vm_name=vm.name, disk_uuid=disk.disk.uuid,
+            kind=plan.kind, vm_uuid=vm.uuid, vm_name=vm.name, disk_uuid=disk.disk.uuid,
             disk_label=dr.label, disk_bus=disk.disk.bus.lower(), disk_index=disk.disk.index,
             disk_size=disk.size, block_size=chunk_size, snapshot_id=snap.id, backup_id=backup_id,
+            reference_snapshot_id=plan.reference_snapshot_id if plan.kind != "full" else "",
+            reference_backup_id=ref_backup, reference_stream_id=ref_stream,
         )
+        dr.stream_id = header.stream_id
 
         def on_chunk(chunk: Chunk) -> None:
             if chunk.data is None:
@@ -305,7 +499,7 @@ class BackupJob:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
                 lambda: read_chunks(
-                    reader, session.regions(disk), chunk_size=chunk_size, inflight=inflight,
+                    reader, regions, chunk_size=chunk_size, inflight=inflight,
                     out=chunks_send, spare=2,
                 )
             )
@@ -313,8 +507,20 @@ class BackupJob:
             stored = await writer.write_disk(dr.label, _iterate(bytes_recv))
         return stored
 
+    async def _stream_id(self, backup: StoredBackup, entry: Mapping[str, Any]) -> str:
+        """The reference stream's id: from its manifest, else from the stream's header."""
+        if entry.get("stream_id"):
+            return str(entry["stream_id"])
+
+        def read_header() -> str:
+            with self.rt.sink.open_stream(backup, str(entry["label"])) as f:
+                return StreamReader(f).header.stream_id
+
+        return await trio.to_thread.run_sync(read_header)
+
     def _manifest(
-        self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, *, backup_id: str, created: float
+        self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, *, backup_id: str, created: float,
+        removed: list[dict[str, Any]],
     ) -> dict[str, Any]:
         by_label = {d.label: d for d in vr.disks}
         return {
@@ -336,15 +542,55 @@ class BackupJob:
                     "label": d.disk.label, "uuid": d.disk.uuid, "bus": d.disk.bus,
                     "index": d.disk.index, "size": d.size, "container": d.disk.container,
                     "stream": f"{d.disk.label}.ahvd",
+                    "stream_id": by_label[d.disk.label].stream_id,
+                    "kind": by_label[d.disk.label].kind,
                     "bytes_read": by_label[d.disk.label].bytes_read,
                     "zero_bytes": by_label[d.disk.label].zero_bytes,
                     "bytes_stored": by_label[d.disk.label].bytes_stored,
-                    "reference_backup": None,
+                    "reference_backup": by_label[d.disk.label].reference_backup,
+                    "reference_snapshot": by_label[d.disk.label].reference_snapshot,
+                    "warnings": by_label[d.disk.label].warnings,
                 }
                 for d in snap.disks
                 if d.disk.label in by_label
             ],
+            "removed_disks": removed,
         }
+
+
+async def _prepend(first: Region | None, rest: AsyncIterator[Region]) -> AsyncIterator[Region]:
+    if first is not None:
+        yield first
+        async for r in rest:
+            yield r
+
+
+async def _coalesce(regions: AsyncIterator[Region]) -> AsyncIterator[Region]:
+    """Merge touching regions of the same type (the read-ahead splits at chunk boundaries)."""
+    pending: Region | None = None
+    async for r in regions:
+        if r.length <= 0:
+            continue
+        if pending is not None and pending.end == r.offset and pending.zero == r.zero:
+            pending = Region(pending.offset, pending.length + r.length, r.zero)
+            continue
+        if pending is not None:
+            yield pending
+        pending = r
+    if pending is not None:
+        yield pending
+
+
+async def _noting(
+    regions: AsyncIterator[Region], into: list[tuple[int, int]]
+) -> AsyncIterator[Region]:
+    """Pass regions on, noting their extents (the trust check samples outside them)."""
+    async for r in regions:
+        if into and into[-1][1] == r.offset:
+            into[-1] = (into[-1][0], r.end)
+        else:
+            into.append((r.offset, r.end))
+        yield r
 
 
 async def _iterate(recv: trio.MemoryReceiveChannel[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:

@@ -121,18 +121,17 @@ async def read_chunks(
     """
     error: BaseException | None = None
     pool = BufferPool(size=chunk_size, count=inflight + spare)
-    async with out:
-        async with trio.open_nursery() as nursery:
-            send, recv = trio.open_memory_channel[Chunk](max(0, inflight - 1))
-            nursery.start_soon(_start, reader, regions, chunk_size, pool, nursery, send)
-            async with recv:
-                async for chunk in recv:
-                    await chunk.done.wait()
-                    if chunk.error is not None:
-                        error = chunk.error
-                        chunk.release()
-                        nursery.cancel_scope.cancel()
-                        break
-                    await out.send(chunk)
+    async with out, trio.open_nursery() as nursery:
+        send, recv = trio.open_memory_channel[Chunk](max(0, inflight - 1))
+        nursery.start_soon(_start, reader, regions, chunk_size, pool, nursery, send)
+        async with recv:
+            async for chunk in recv:
+                await chunk.done.wait()
+                if chunk.error is not None:
+                    error = chunk.error
+                    chunk.release()
+                    nursery.cancel_scope.cancel()
+                    break
+                await out.send(chunk)
     if error is not None:
         raise error

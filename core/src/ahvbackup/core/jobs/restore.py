@@ -3,12 +3,18 @@
 A stream is trusted only once its trailer and digest checked out, so a restore writes into the
 target as it reads and, when the stream turns out damaged, removes the disk it was writing and
 names the failure: nothing partial is passed off as complete.
+
+A backup whose disk is a delta is restored through its chain (`chain.py`): every link is
+indexed and checked against the one below it, each output range is taken from the newest record
+that covers it and written once, and each payload is checked as it is read. A missing or damaged
+link is named. `verify` reads every link of the chain completely.
 """
 
 from __future__ import annotations
 
-__all__ = ["RestoreJob", "VerifyJob", "pick_backup"]
+__all__ = ["RestoreJob", "VerifyJob", "parse_time", "pick_backup"]
 
+import datetime
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +28,7 @@ from ..drivers import RestoreTarget, StoredBackup
 from ..errors import AhvBackupError, ConfigError, StreamFormatError, our_errors
 from ..model import DiskInfo
 from ..stream import StreamReader, Trailer
+from .chain import ChainImage, Link, resolve_chain
 from .runtime import Runtime
 
 log = logging.getLogger("ahvbackup.restore")
@@ -39,6 +46,7 @@ class DiskOutcome:
     digest: str = ""
     path: str = ""
     error: str | None = None
+    chain: list[str] = field(default_factory=list)  # backup ids, the full first
 
 
 @dataclass
@@ -48,6 +56,7 @@ class RestoreOutcome:
     mode: str  # restore | verify
     disks: list[DiskOutcome] = field(default_factory=list)
     seconds: float = 0.0
+    level: str = "full"
 
     @property
     def ok(self) -> bool:
@@ -60,16 +69,41 @@ class RestoreOutcome:
     def to_json(self) -> dict[str, Any]:
         return {
             "backup_id": self.backup_id, "vm": self.vm_name, "mode": self.mode, "ok": self.ok,
-            "seconds": self.seconds, "failed": self.failed,
+            "seconds": self.seconds, "failed": self.failed, "level": self.level,
             "disks": [d.__dict__ for d in self.disks],
         }
 
 
-async def pick_backup(rt: Runtime, *, vm: str | None, backup_id: str | None) -> StoredBackup:
-    """The backup a restore or verify is about: by id, else the newest of `vm`."""
+def parse_time(text: str) -> float:
+    """A point in time: RFC 3339 / ISO 8601 (UTC unless it says otherwise) or Unix seconds."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.datetime.fromisoformat(text.strip().replace("z", "Z"))
+    except ValueError:
+        raise ConfigError(
+            f"at: {text!r} is not a time (use e.g. 2025-05-01T02:00:00Z or Unix seconds)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return when.timestamp()
+
+
+async def pick_backup(
+    rt: Runtime, *, vm: str | None, backup_id: str | None, at: float | None = None
+) -> StoredBackup:
+    """The backup a restore or verify is about: by id, else `vm`'s newest (at or before `at`)."""
     if not backup_id and not vm:
         raise ConfigError("restore: name a backup (--backup ID) or a VM (--vm NAME) to restore")
     found = await rt.sink.backups(vm)
+    if at is not None and not backup_id:
+        before = [b for b in found if b.created <= at]
+        if not before:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+            raise ConfigError(f"at: no complete backup of {vm!r} was taken at or before {when}")
+        return before[-1]
     if backup_id:
         match = [b for b in found if b.backup_id == backup_id]
         if not match:
@@ -102,6 +136,40 @@ def _check_identity(reader: StreamReader, backup: StoredBackup, entry: dict[str,
             f"backup {backup.backup_id} disk {entry['label']}: the stream belongs elsewhere: "
             + "; ".join(wrong)
         )
+
+
+def _apply_chain(
+    rt: Runtime, backup: StoredBackup, entry: dict[str, Any], links: list[Link],
+    target: RestoreTarget | None, dest: Path, outcome: DiskOutcome, progress: Progress,
+) -> None:
+    """Rebuild one disk from its chain (blocking: runs in a worker thread), or check the chain
+    completely when there is no target."""
+    with ChainImage(rt.sink, links, verify=target is None) as image:
+        outcome.size = image.size
+        trailer = image.tip.trailer
+        assert trailer is not None
+        outcome.digest = trailer.digest_hex
+        if target is None:
+            outcome.data_bytes = sum(n for _, n, v in _kinds(image) if v)
+            outcome.zero_bytes = sum(n for _, n, v in _kinds(image) if not v)
+            progress(outcome.size)
+            outcome.ok = True
+            return
+        writer = target.open_disk(
+            vm_name=backup.vm_name, disk=_disk_info(entry), size=outcome.size, dest=dest
+        )
+        try:
+            outcome.data_bytes, outcome.zero_bytes = image.write_to(writer, progress)
+        except BaseException:
+            where = writer.close()
+            Path(where).unlink(missing_ok=True)
+            raise
+        outcome.path = str(writer.close())
+    outcome.ok = True
+
+
+def _kinds(image: ChainImage) -> list[tuple[int, int, bool]]:
+    return [(off, n, image.entries[li][ri].kind == "data") for off, n, li, ri in image.pieces]
 
 
 def _apply(
@@ -174,8 +242,9 @@ class _StreamJob:
     async def run(self) -> RestoreOutcome:
         started = time.monotonic()
         out = RestoreOutcome(backup_id=self.backup.backup_id, vm_name=self.backup.vm_name,
-                             mode=self.mode)
+                             mode=self.mode, level=self.backup.level)
         target = self._target()
+        self.by_id = {b.backup_id: b for b in await self.rt.sink.backups(self.backup.vm_uuid)}
         limiter = trio.CapacityLimiter(max(1, self.rt.config.concurrent_disks))
         async with trio.open_nursery() as nursery:
             for entry in self.entries:
@@ -195,10 +264,18 @@ class _StreamJob:
             trio.from_thread.run_sync(self.progress, n, trio_token=token)
 
         try:
-            await trio.to_thread.run_sync(
-                _apply, self.rt, self.backup, entry, target, self._dest(), outcome, progress,
-                limiter=limiter, abandon_on_cancel=False,
-            )
+            links = resolve_chain(self.by_id, self.backup, entry)
+            outcome.chain = [link.backup.backup_id for link in links]
+            if len(links) == 1:
+                await trio.to_thread.run_sync(
+                    _apply, self.rt, self.backup, entry, target, self._dest(), outcome, progress,
+                    limiter=limiter, abandon_on_cancel=False,
+                )
+            else:
+                await trio.to_thread.run_sync(
+                    _apply_chain, self.rt, self.backup, entry, links, target, self._dest(),
+                    outcome, progress, limiter=limiter, abandon_on_cancel=False,
+                )
         except (AhvBackupError, BaseExceptionGroup) as err:
             errors = our_errors(err)
             if errors is None:

@@ -19,6 +19,13 @@ class DiskResult:
     estimated_bytes: int = 0  # mode=estimate: allocated bytes a backup would read
     read_seconds: float = 0.0  # from the first read to the stream's end (staging excluded)
     error: str | None = None
+    kind: str = "full"  # full | incremental | differential (a disk that healed reads "full")
+    reference_backup: str | None = None  # the backup a delta builds on
+    reference_snapshot: str | None = None
+    stream_id: str = ""
+    warnings: list[str] = field(default_factory=list)
+    sampled_bytes: int = 0  # verify_unchanged_sample: unchanged bytes re-read and compared
+    trust_mismatch: str = ""  # what the trust check found wrong ("" when nothing)
 
 
 @dataclass

@@ -12,8 +12,8 @@ from typing import Any
 
 import trio
 
-from ..errors import AhvBackupError
 from ..drivers import DataPath, Hypervisor, HypervisorSession, RestoreTarget, Sink
+from ..errors import AhvBackupError
 from ..ledger import Ledger, Record, release_record
 from ..plugins import Hooks, load_driver
 from ..state import StateStore

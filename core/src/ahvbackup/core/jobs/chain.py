@@ -1,0 +1,263 @@
+"""Chains: a full and the deltas on top of it, resolved into one disk image.
+
+A disk of a backup is a chain of streams: its own stream, the stream its manifest names as its
+reference, and so on down to a full. Restoring a point must not cost more with every link, so
+the chain is planned before anything is written: every stream is indexed (record headers only),
+and walking from the newest link to the oldest each byte range is taken from the newest record
+that covers it. Each output range is then written once, in disk order, and each record's payload
+is read at most once (checked against its checksum as it is read).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ChainImage", "Link", "disk_entry", "resolve_chain"]
+
+import bisect
+import heapq
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from ..drivers import DiskWriter, Sink, StoredBackup
+from ..errors import SinkError, StreamFormatError
+from ..stream import DATA, IndexEntry, StreamIndex, index_stream
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Link:
+    """One stream of a chain: a backup and its manifest entry for the disk."""
+
+    backup: StoredBackup
+    entry: Mapping[str, Any]
+
+    @property
+    def label(self) -> str:
+        return str(self.entry["label"])
+
+    @property
+    def name(self) -> str:
+        return f"backup {self.backup.backup_id} ({self.backup.vm_name}/{self.label})"
+
+
+def disk_entry(backup: StoredBackup, *, uuid: str = "", label: str = "") -> dict[str, Any] | None:
+    """The manifest entry of a disk with a stream in `backup`, by UUID (else by label)."""
+    for d in backup.manifest.get("disks", ()):
+        if not d.get("stream"):
+            continue
+        if (uuid and d.get("uuid") == uuid) or (not uuid and d["label"] == label):
+            return dict(d)
+    return None
+
+
+def resolve_chain(
+    backups: Mapping[str, StoredBackup], backup: StoredBackup, entry: Mapping[str, Any]
+) -> list[Link]:
+    """The links that rebuild `entry`'s disk at `backup`, oldest (the full) first.
+
+    A missing link is named: which backup needs it and which one is gone."""
+    links = [Link(backup, entry)]
+    seen = {backup.backup_id}
+    while True:
+        top = links[-1]
+        ref_id = top.entry.get("reference_backup")
+        if not ref_id:
+            break
+        if ref_id in seen:
+            raise StreamFormatError(f"{top.name}: its chain loops back to backup {ref_id}")
+        seen.add(ref_id)
+        ref = backups.get(ref_id)
+        if ref is None:
+            raise SinkError(
+                f"{top.name}: chain link missing: its reference backup {ref_id} is not in the "
+                "repository; this point cannot be restored"
+            )
+        ref_entry = disk_entry(ref, uuid=str(top.entry["uuid"]))
+        if ref_entry is None:
+            raise SinkError(
+                f"{top.name}: chain link missing: reference backup {ref_id} has no stream of "
+                f"disk {top.label} ({top.entry['uuid']})"
+            )
+        links.append(Link(ref, ref_entry))
+    links.reverse()
+    return links
+
+
+# a planned piece: (disk offset, length, link number, record number in that link)
+Piece = tuple[int, int, int, int]
+
+
+def plan(indexes: Sequence[Sequence[IndexEntry]]) -> list[Piece]:
+    """Which link and record each output range comes from: newest record wins.
+
+    `indexes` are the links' records oldest first. Ranges no record covers are left out (they
+    read as zeros: the oldest link is a full)."""
+    covered: list[tuple[int, int]] = []  # sorted, disjoint, merged
+    pieces: list[Piece] = []
+    for li in range(len(indexes) - 1, -1, -1):
+        records = indexes[li]
+        j = 0
+        for ri, rec in enumerate(records):
+            start, end = rec.offset, rec.offset + rec.length
+            while j < len(covered) and covered[j][1] <= start:
+                j += 1
+            pos, k = start, j
+            while pos < end:
+                if k < len(covered) and covered[k][0] < end:
+                    cs, ce = covered[k]
+                    if cs > pos:
+                        pieces.append((pos, cs - pos, li, ri))
+                    pos = max(pos, ce)
+                    k += 1
+                else:
+                    pieces.append((pos, end - pos, li, ri))
+                    pos = end
+        covered = _merge(covered, [(r.offset, r.offset + r.length) for r in records])
+    pieces.sort()
+    return pieces
+
+
+def _merge(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for s, e in heapq.merge(a, b):
+        if out and s <= out[-1][1]:
+            if e > out[-1][1]:
+                out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+class ChainImage:
+    """A disk at one backup point, rebuilt from its chain (blocking I/O: run it in a thread).
+
+    Opening indexes every link and checks that each delta names the stream below it; with
+    `verify` every link is read completely and its digest checked (for `verify` runs)."""
+
+    def __init__(self, sink: Sink, links: Sequence[Link], *, verify: bool = False) -> None:
+        self.links = list(links)
+        self._stack = ExitStack()
+        self.files: list[BinaryIO] = []
+        self.indexes: list[StreamIndex] = []
+        self.entries: list[list[IndexEntry]] = []
+        try:
+            for link in self.links:
+                f = self._stack.enter_context(sink.open_stream(link.backup, link.label))
+                try:
+                    index = index_stream(f, name=link.name, verify=verify)
+                except StreamFormatError as err:
+                    raise StreamFormatError(f"chain link damaged: {err}") from err
+                if verify:
+                    f.seek(0)
+                self.files.append(f)
+                self.indexes.append(index)
+                self.entries.append(list(index))
+            self._check_links()
+            self.pieces = plan(self.entries)
+        except BaseException:
+            self._stack.close()
+            raise
+        self._starts = [p[0] for p in self.pieces]
+        self._cache: list[tuple[int, memoryview] | None] = [None] * len(self.links)
+        self._bufs: list[bytearray] = [bytearray() for _ in self.links]
+
+    @property
+    def size(self) -> int:
+        return self.indexes[-1].header.disk_size
+
+    @property
+    def tip(self) -> StreamIndex:
+        return self.indexes[-1]
+
+    def _check_links(self) -> None:
+        for i, (link, index) in enumerate(zip(self.links, self.indexes, strict=True)):
+            h = index.header
+            problems = []
+            if h.backup_id != link.backup.backup_id:
+                problems.append(f"backup_id {h.backup_id!r}")
+            if h.vm_uuid != link.backup.vm_uuid or h.disk_uuid != link.entry["uuid"]:
+                problems.append(f"disk {h.vm_uuid}/{h.disk_uuid}")
+            if i == 0 and h.kind != "full":
+                problems.append(f"kind {h.kind} at the base of the chain (a full is needed)")
+            if i > 0:
+                below = self.indexes[i - 1].header
+                if h.kind == "full":
+                    problems.append("a full where the manifest names a reference")
+                if h.reference_backup_id != below.backup_id:
+                    problems.append(f"reference_backup_id {h.reference_backup_id!r} "
+                                    f"(the link below is {below.backup_id!r})")
+                if h.reference_stream_id != below.stream_id:
+                    problems.append(f"reference_stream_id {h.reference_stream_id!r} does not "
+                                    f"match stream {below.stream_id!r} below it")
+                if h.disk_size != below.disk_size:
+                    problems.append(f"disk_size {h.disk_size} on a reference of {below.disk_size}")
+            if problems:
+                raise StreamFormatError(
+                    f"chain link damaged: {link.name}: the stream does not fit its chain: "
+                    + "; ".join(problems)
+                )
+
+    def _payload(self, li: int, ri: int) -> memoryview:
+        cached = self._cache[li]
+        if cached is not None and cached[0] == ri:
+            return cached[1]
+        entry = self.entries[li][ri]
+        if len(self._bufs[li]) < entry.length:
+            self._bufs[li] = bytearray(entry.length)
+        view = self.indexes[li].read(
+            self.files[li], entry, into=self._bufs[li]  # type: ignore[arg-type]
+        )
+        self._cache[li] = (ri, view)
+        return view
+
+    def ranges(self) -> Iterator[tuple[int, int, memoryview | None]]:
+        """(offset, length, data or None for zeros) in disk order; gaps read as zeros.
+        A data view is valid until the next item."""
+        for off, length, li, ri in self.pieces:
+            entry = self.entries[li][ri]
+            if entry.kind != DATA:
+                yield off, length, None
+                continue
+            rel = off - entry.offset
+            yield off, length, self._payload(li, ri)[rel : rel + length]
+
+    def write_to(self, writer: DiskWriter, progress: Progress = lambda n: None) -> tuple[int, int]:
+        """Write the image into `writer` once per range, in disk order; returns
+        (data bytes, zero bytes)."""
+        data = zero = 0
+        for off, length, view in self.ranges():
+            if view is None:
+                writer.zero(off, length)
+                zero += length
+            else:
+                writer.write_at(off, view)
+                data += length
+            progress(length)
+        return data, zero
+
+    def read(self, offset: int, length: int) -> bytes:
+        """The image's bytes at [offset, offset+length)."""
+        out = bytearray(length)
+        end = offset + length
+        i = max(0, bisect.bisect_right(self._starts, offset) - 1)
+        while i < len(self.pieces) and self.pieces[i][0] < end:
+            off, n, li, ri = self.pieces[i]
+            i += 1
+            s, e = max(off, offset), min(off + n, end)
+            entry = self.entries[li][ri]
+            if s >= e or entry.kind != DATA:
+                continue
+            src = self._payload(li, ri)
+            out[s - offset : e - offset] = src[s - entry.offset : e - entry.offset]
+        return bytes(out)
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> ChainImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
