@@ -184,3 +184,22 @@ async def test_sigkill_during_an_iscsi_read_leaves_nothing_after_the_next_run(
     assert result.ok, result.failed
     _nothing_left(iworld, rt)
     assert len(iworld.sim.snapshots) == 1
+
+
+async def test_cancelled_job_releases_attachment_vg_and_snapshot(iworld: IWorld) -> None:
+    iworld.add_vm("cancel", [(32 * MiB, [(0, 24 * MiB)])])
+    vgs = volume_groups(iworld.sim)
+    vgs.read_latency = 0.3
+    rt = Runtime.from_config(iworld.config(vm="cancel", data_path="iscsi", chunk_size_mib=1))
+    seen: list[tuple[int, int]] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(BackupJob(rt).run)
+        with trio.fail_after(30):
+            while vgs.active_reads == 0:
+                await trio.sleep(0.02)
+        seen.append((len(vgs.groups), len(next(iter(vgs.groups.values())).attachments)))
+        nursery.cancel_scope.cancel()
+    assert seen == [(1, 1)]  # it was cancelled mid-read, with a VG attached to us
+    assert vgs.groups == {}
+    assert iworld.sim.snapshots == {}
+    assert not list((iworld.tmp / "state" / "ledger").glob("*.json"))
