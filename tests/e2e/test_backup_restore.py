@@ -35,8 +35,9 @@ async def test_multi_disk_vm_with_holes_restores_byte_identical(world: World) ->
         assert same_as_sim(world.sim, vm.uuid, i, Path(disk.path)), disk.label
     # restored disks are sparse too: the empty one allocates nothing
     assert Path(out.disks[1].path).stat().st_blocks == 0
-    # and nothing was left on the cluster
-    assert world.sim.snapshots == {} and world.sim.images == {}
+    # and nothing but the snapshot kept as the next incremental's reference was left on the cluster
+    assert set(world.sim.snapshots) == rt.states.all()[0].snapshot_ids()
+    assert world.sim.images == {}
 
 
 async def test_selected_disks_only(world: World) -> None:
@@ -107,7 +108,7 @@ async def test_app_consistent_try_retries_crash_consistent_when_quiescing_fails(
     assert result.ok
     assert result.vms[0].consistency == "crash"
     assert any("application-consistent snapshot failed" in w for w in result.vms[0].warnings)
-    assert world.sim.snapshots == {}
+    assert set(world.sim.snapshots) == rt.states.all()[0].snapshot_ids()  # the reference only
 
 
 async def test_a_failing_disk_fails_its_vm_and_the_others_go_on(world: World) -> None:
@@ -127,7 +128,8 @@ async def test_a_failing_disk_fails_its_vm_and_the_others_go_on(world: World) ->
     assert "scsi.0" in (bad.error or "")
     # a VM with a failed disk has no backup that looks complete, and nothing is left behind
     assert [b.vm_name for b in await rt.sink.backups()] == ["good"]
-    assert world.sim.snapshots == {} and world.sim.images == {}
+    (good_state,) = rt.states.all()  # only good's snapshot stays, as its next reference
+    assert set(world.sim.snapshots) == good_state.snapshot_ids() and world.sim.images == {}
 
 
 async def test_verify_names_a_damaged_stream_and_restore_refuses_it(world: World) -> None:
