@@ -113,10 +113,11 @@ def plugins(ctx: Context) -> None:
     emit(ctx, rows, human)
 
 
-from .jobs import backup, list_backups  # noqa: E402 - they need the group defined above
+from .consolidate import consolidate  # noqa: E402 - they need the group defined above
+from .jobs import backup, list_backups  # noqa: E402
 from .restore import restore, verify  # noqa: E402
 
-for _command in (backup, list_backups, restore, verify):
+for _command in (backup, list_backups, restore, verify, consolidate):
     cli.add_command(_command)
 
 

@@ -24,10 +24,11 @@ def _human_result(res: dict[str, Any]) -> str:
     if res["mode"] == "estimate":
         for vm in res["vms"]:
             for d in vm["disks"]:
-                lines.append(f"{vm['vm_name']:<24} {d['label']:<8} size={d['size']:>15,} "
-                             f"to read={d['estimated_bytes']:>15,}")
+                lines.append(f"{vm['vm_name']:<24} {d['label']:<8} {d['kind']:<12} "
+                             f"size={d['size']:>15,} to read={d['estimated_bytes']:>15,}")
+            lines += [f"    warning: {w}" for w in vm["warnings"]]
         total = sum(d["estimated_bytes"] for vm in res["vms"] for d in vm["disks"])
-        lines.append(f"{len(res['vms'])} VM(s): a full backup would read {total:,} bytes")
+        lines.append(f"{len(res['vms'])} VM(s): this backup would read {total:,} bytes")
         return "\n".join(lines)
     for vm in res["vms"]:
         state = "ok" if vm["ok"] else "FAILED"
@@ -40,8 +41,11 @@ def _human_result(res: dict[str, Any]) -> str:
         if vm["error"]:
             lines.append(f"    error: {vm['error']}")
         for d in vm["disks"]:
+            ref = f" on {d['reference_backup']}" if d["reference_backup"] else ""
+            lines.append(f"    {d['label']:<8} {d['kind']}{ref} read={d['bytes_read']:,}")
             if d["error"]:
                 lines.append(f"    {d['label']}: {d['error']}")
+        lines += [f"    warning: {w}" for w in vm["warnings"]]
     lines.append(
         f"{len(res['vms'])} VM(s), {len(res['failed'])} failed, {res['bytes_read']:,} bytes read, "
         f"{res['bytes_stored']:,} stored, {res['seconds']:.1f}s"
@@ -60,8 +64,8 @@ def finish(ctx: Context, result: JobResult) -> None:
 @click.option("--level", type=click.Choice(["full", "incremental", "differential"]),
               help="Backup level (overrides the level= key).")
 @click.option("--estimate", is_flag=True,
-              help="Report what a backup would read, per VM and disk, without reading data "
-                   "(mode=estimate).")
+              help="Report what a backup at this level would read, per VM and disk, without "
+                   "reading data (mode=estimate; for an incremental: the changed bytes).")
 @pass_context
 def backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
            plugin_string: str | None, level: str | None, estimate: bool) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import JobError, StreamFormatError
-from ..jobs.restore import RestoreJob, RestoreOutcome, VerifyJob, pick_backup
+from ..jobs.restore import RestoreJob, RestoreOutcome, VerifyJob, parse_time, pick_backup
 from ..jobs.runtime import Runtime
 from . import Context, emit, pass_context
 from .options import config_options, load_job_config, run_trio
@@ -18,13 +18,15 @@ from .progress import Meter
 
 
 def _human(res: dict[str, Any]) -> str:
-    lines = [f"{res['mode']} of backup {res['backup_id']} ({res['vm']}): "
+    lines = [f"{res['mode']} of backup {res['backup_id']} ({res['vm']}, {res['level']}): "
              f"{'ok' if res['ok'] else 'FAILED'}"]
     for d in res["disks"]:
         state = "ok" if d["ok"] else "FAILED"
         where = f" -> {d['path']}" if d["path"] else ""
         lines.append(f"  {d['label']:<10} {state:<7} size={d['size']:,} data={d['data_bytes']:,} "
                      f"digest={d['digest'][:16] or '-'}{where}")
+        if len(d["chain"]) > 1:
+            lines.append(f"    chain: {' -> '.join(d['chain'])}")
         if d["error"]:
             lines.append(f"    error: {d['error']}")
     return "\n".join(lines)
@@ -44,16 +46,23 @@ def _finish(ctx: Context, outcomes: list[RestoreOutcome]) -> None:
 @click.command()
 @config_options
 @click.option("--vm", help="VM name or UUID (restores its newest backup unless --backup).")
-@click.option("--backup", "backup_id", help="Backup id (see `ahvbackup list`).")
+@click.option("--backup", "backup_id",
+              help="Backup id (see `ahvbackup list`); an incremental restores through its chain.")
+@click.option("--at", "at", metavar="TIME",
+              help="With --vm: the newest backup taken at or before TIME "
+                   "(e.g. 2025-05-01T02:00:00Z, UTC unless a zone is given, or Unix seconds).")
 @click.option("--disk", "disks", multiple=True, metavar="LABEL",
               help="Restore only this disk, e.g. scsi.0 (repeatable; restore_disks_only=).")
 @click.option("--dest", type=click.Path(path_type=Path),
               help="Folder for restored disks (default: where= or ./restore).")
 @pass_context
 def restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
-            plugin_string: str | None, vm: str | None, backup_id: str | None,
+            plugin_string: str | None, vm: str | None, backup_id: str | None, at: str | None,
             disks: tuple[str, ...], dest: Path | None) -> None:
-    """Rebuild a backup's disks through the restore target (target=raw: sparse raw files)."""
+    """Rebuild a backup's disks through the restore target (target=raw: sparse raw files).
+
+    Any point of a chain (full + incrementals, or full + differential) restores as it was."""
+    when = parse_time(at) if at else None
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose)
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
@@ -61,7 +70,7 @@ def restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     meter = Meter("restore", enabled=None if not ctx.json else False)
 
     async def main() -> RestoreOutcome:
-        backup = await pick_backup(rt, vm=vm, backup_id=backup_id)
+        backup = await pick_backup(rt, vm=vm, backup_id=backup_id, at=when)
         job = RestoreJob(rt, backup, dest=folder, disks=disks or cfg.restore_disks_only,
                          progress=meter.add)
         async with meter.running():
@@ -79,7 +88,9 @@ def restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
 def verify(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
            plugin_string: str | None, vm: str | None, backup_id: str | None,
            every: bool) -> None:
-    """Check every stream of a backup end to end without restoring it (exit 4 if damaged)."""
+    """Check every stream of a backup end to end without restoring it (exit 4 if damaged).
+
+    For a delta, every link of its chain is read completely and checked against the next."""
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose)
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
