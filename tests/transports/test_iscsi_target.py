@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -196,3 +197,32 @@ def test_memory_lun_is_a_backend() -> None:
     buf = bytearray(512)
     lun.read_into(512, memoryview(buf))
     assert bytes(buf) == bytes(lun.data[512:1024])
+
+
+class SlowLun(MemoryLun):
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        time.sleep(0.02)  # 64 reads, 4 at a time: at least 0.3 s in all
+        super().read_into(offset, buf)
+
+
+async def test_sessions_dropped_mid_read_reconnect_and_deliver_exact_data() -> None:
+    data = pattern(8 << 20, seed=11)
+    target = IscsiTarget(exports={IQN: Export(iqn=IQN, luns=[SlowLun(data)])})
+    async with trio.open_nursery() as nursery:
+        _h, port = await nursery.start(target.serve, "127.0.0.1", 0)
+        async with IscsiSession.connect(portal=("127.0.0.1", port), target_iqn=IQN,
+                                        initiator_iqn=INITIATOR_IQN, queue_depth=4,
+                                        max_transfer=128 << 10) as s:
+            buf = bytearray(len(data))
+
+            async def cut() -> None:
+                await trio.sleep(0.1)
+                assert target.drop_sessions(IQN) == 1
+
+            async with trio.open_nursery() as inner:
+                inner.start_soon(cut)
+                await s.read_into(0, memoryview(buf))
+            assert s.reconnects >= 1
+            assert buf == data
+        assert target.logins >= 2
+        nursery.cancel_scope.cancel()
