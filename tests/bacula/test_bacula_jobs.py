@@ -90,7 +90,9 @@ async def test_backup_then_restore_through_the_protocol_is_byte_identical(
         image = where / root.lstrip("/") / f"scsi.{i}.raw"
         assert same_as_sim(world.sim, vm.uuid, i, image), image
     assert json.loads((where / root.lstrip("/") / "vm.json").read_text()) == manifest
-    assert world.sim.snapshots == {} and world.sim.images == {}
+    # only the snapshot kept as the next incremental's reference stays on the cluster
+    assert list(world.sim.snapshots) == [manifest["snapshot"]["id"]]
+    assert world.sim.images == {}
     assert not list((tmp_path / "work").glob("ahvbackup-spool-*/*")), "spool left behind"
 
 
@@ -180,3 +182,67 @@ async def test_sigusr1_cancels_and_releases_the_snapshot_and_image(
     assert code == 0
     assert seconds < 10
     assert world.sim.snapshots == {} and world.sim.images == {}
+
+
+async def test_full_then_incremental_restore_both_points_byte_identical(
+        world: World, spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
+    size = 8 * MiB
+    vm = world.add_vm("ivm", [(size, [(0, 2 * MiB)]), (4 * MiB, [(MiB, MiB)])])
+    params = prism_params(world, base_params, vm="ivm")
+    point1 = [world.sim.read_disk(vm.uuid, 0, 0, size), world.sim.read_disk(vm.uuid, 1, 0, 4 * MiB)]
+
+    def backup(level: str) -> tuple[list, list[str]]:
+        b = opened(spawn, params, level=level)
+        b.start("BackupStart")
+        files = b.files(data=True)
+        messages = [p.text for p in b.messages]
+        assert b.end() == 0
+        return files, messages
+
+    def restore(where: Path, jobs: list[list]) -> list[str]:
+        said = []
+        for files in jobs:  # one restore job per backup job, oldest first
+            r = opened(spawn, params, kind="R", where=str(where))
+            r.start("RestoreStart")
+            for f in files:
+                answer = r.restore(f"{where}{f.fname}", f.data)
+                assert answer.text == "OK", answer
+            r.command("FINISH")
+            r.expect_ack()
+            said += [p.text for p in r.messages]
+            assert r.end() == 0
+        return said
+
+    full, _ = await trio.to_thread.run_sync(backup, "F")
+    world.sim.write_disk(vm.uuid, 0, 6 * MiB, b"\x5a" * MiB)  # new data
+    world.sim.write_disk(vm.uuid, 0, 0, bytes(512 * 1024))  # zeroed
+    inc, said = await trio.to_thread.run_sync(backup, "I")
+    manifest = json.loads(inc[-1].data or b"")
+    assert [d["kind"] for d in manifest["disks"]] == ["incremental", "incremental"]
+    assert any("disks=scsi.0:incremental" in m or "scsi.0:incremental" in m for m in said), said
+    # the incremental carries about the change only, not the disk
+    inc_disk0 = next(f for f in inc if f.fname.endswith("scsi.0.ahvd"))
+    assert len(inc_disk0.data or b"") < 2 * MiB
+
+    root = f"@ahvbackup/{cluster_name(world)}/ivm"
+    at1, at2 = tmp_path / "at1", tmp_path / "at2"
+    await trio.to_thread.run_sync(restore, at1, [full])
+    said = await trio.to_thread.run_sync(restore, at2, [full, inc])
+    for i in range(2):
+        assert (at1 / root / f"scsi.{i}.raw").read_bytes() == point1[i]
+        assert same_as_sim(world.sim, vm.uuid, i, at2 / root / f"scsi.{i}.raw")
+    assert any("(incremental" in m for m in said), said
+
+    def lone() -> tuple[str, str]:  # the incremental alone, as bconsole's "most recent" would
+        at3 = tmp_path / "at3"
+        r = opened(spawn, params, kind="R", where=str(at3))
+        r.start("RestoreStart")
+        answer = r.restore(f"{at3}{inc_disk0.fname}", inc_disk0.data)
+        r.command("FINISH")
+        r.expect_ack()
+        assert r.end() == 0
+        return answer.kind, answer.text
+
+    kind, text = await trio.to_thread.run_sync(lone)
+    assert kind == "E"
+    assert "has no restored full to apply it to" in text

@@ -60,7 +60,7 @@ def bpipe() -> None:
 @click.option("--level", type=click.Choice(["auto", "full", "incremental", "differential"]),
               default="auto", show_default=True,
               help="auto: incremental against the reference in state_dir, a full when there "
-                   "is none.")
+                   "is none (Bacula's job level does not reach a bpipe reader).")
 @pass_context
 def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
                  plugin_string: str | None, vm_name: str, label: str, level: str) -> None:
@@ -74,9 +74,10 @@ def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
         verbose=ctx.verbose, overrides={"vm": vm_name, "mode": "backup", "level": wanted},
         require=("prism_central", "user", "password"),
     )
-    cfg, warning = backup_config(cfg)
-    if warning and level != "auto":
-        _say(f"warning: {warning}")
+    cfg, warnings = backup_config(cfg)
+    for warning in warnings:
+        if level != "auto" or not warning.startswith("level "):
+            _say(f"warning: {warning}")
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
     sink = rt.sink
     assert isinstance(sink, BaculaSink)
@@ -99,7 +100,7 @@ def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
                        "(the stream written is incomplete and will be refused at restore)")
     (vr,) = result.vms
     (dr,) = vr.disks
-    _say(f"backed up {vm_name} {label}: level={cfg.level} backup={vr.backup_id} "
+    _say(f"backed up {vm_name} {label}: level={dr.kind} backup={vr.backup_id} "
          f"read={dr.bytes_read} stream={dr.bytes_stored} consistency={vr.consistency}")
 
 

@@ -38,22 +38,33 @@ log = logging.getLogger("ahvbackup.bacula.jobs")
 STREAM_SUFFIX = ".ahvd"
 
 
-def backup_config(config: Any) -> tuple[Any, str | None]:
-    """The configuration a Bacula backup runs with, and a warning when its level had to change.
+def backup_config(config: Any) -> tuple[Any, list[str]]:
+    """The configuration a Bacula backup runs with, and warnings for what had to change.
 
-    Incremental and differential levels need the job engine's support; where it is not there
-    yet the backup is a full (which Bacula accepts at any level) and the warning says so.
+    - a level the job engine cannot run becomes a full (Bacula accepts one at any level);
+    - retention (keep_fulls, keep_days) is Bacula's job: its Pool and Job retention apply;
+    - verify_unchanged_sample needs to read the reference backup back, which lives in Bacula.
     """
-    cfg = dataclasses.replace(config, sink="bacula")
+    warnings = []
+    changes: dict[str, Any] = {"sink": "bacula"}
+    if config.keep_fulls or config.keep_days:
+        changes.update(keep_fulls=0, keep_days=0)
+        warnings.append("keep_fulls/keep_days do not apply to Bacula backups (Bacula's own "
+                        "retention does); ignored")
+    if config.verify_unchanged_sample:
+        changes["verify_unchanged_sample"] = 0.0
+        warnings.append("verify_unchanged_sample needs the reference backup on this host; "
+                        "not available with Bacula, ignored")
+    cfg = dataclasses.replace(config, **changes)
     try:
         _check_level(cfg)
     except ConfigError as err:
         if not str(err).startswith("level:"):
             raise
-        full = dataclasses.replace(cfg, level="full")
-        return full, (f"level {cfg.level} is not available in this version ({err}); "
-                      "taking a full backup")
-    return cfg, None
+        warnings.append(f"level {cfg.level} is not available in this version ({err}); "
+                        "taking a full backup")
+        cfg = dataclasses.replace(cfg, level="full")
+    return cfg, warnings
 
 
 def _check_level(cfg: Any) -> None:
@@ -70,8 +81,8 @@ class JobHandlers(BackendHandlers):
 
     # backup and estimate ------------------------------------------------------------------
     async def backup(self, ctx: BackendContext, emitter: FileEmitter) -> None:
-        cfg, warning = backup_config(ctx.config)
-        if warning:
+        cfg, warnings = backup_config(ctx.config)
+        for warning in warnings:
             await ctx.messages.warning(warning)
         if not emitter.wants_data:
             cfg = dataclasses.replace(cfg, mode="estimate")
@@ -111,9 +122,10 @@ class JobHandlers(BackendHandlers):
                 await ctx.messages.info(f"VM {vr.vm_name}: estimate {len(vr.disks)} disk(s), "
                                         f"{total} bytes to read")
             elif vr.ok:
+                kinds = ",".join(f"{d.label}:{d.kind}" for d in vr.disks)
                 await ctx.messages.info(
-                    f"VM backed up: vm={vr.vm_name} backup={vr.backup_id} "
-                    f"disks={len(vr.disks)} read={vr.bytes_read} stored={vr.bytes_stored} "
+                    f"VM backed up: vm={vr.vm_name} backup={vr.backup_id} disks={kinds} "
+                    f"read={vr.bytes_read} stored={vr.bytes_stored} "
                     f"consistency={vr.consistency}")
             else:
                 await ctx.messages.error(f"VM {vr.vm_name}: backup failed: {vr.error}")

@@ -12,14 +12,20 @@ Two ways out, one per Bacula path:
 - bpipe (`attach_pipe`): exactly one disk stream is written to a file descriptor (stdout of
   ``ahvbackup bpipe backup``), as it is produced.
 
-Bacula keeps the catalog, so this sink cannot list backups or open streams: restores go through
-Bacula (the backend's restore handlers, or ``ahvbackup bpipe restore``).
+Incrementals need the manifest of the backup they build on. Bacula keeps the catalog and the
+data, out of our reach from inside a job, so the sink keeps its own record of what it handed to
+Bacula: each committed manifest under ``state_dir/bacula-sent/<vm uuid>/<backup id>.json``
+(`backups` lists those). It records what was *sent*; a job Bacula failed after that, or a
+backup Bacula pruned, still looks present here, and the chain checks at restore are what catch
+such a gap. Streams cannot be opened here: restores go through Bacula (the backend's restore
+handlers, or ``ahvbackup bpipe restore``).
 """
 
 from __future__ import annotations
 
 __all__ = ["BaculaSink", "virtual_part"]
 
+import contextlib
 import errno
 import json
 import logging
@@ -34,6 +40,7 @@ import trio
 
 from ahvbackup.core.drivers import BackupWriter, Sink, StoredBackup
 from ahvbackup.core.errors import SinkError
+from ahvbackup.core.fsutil import atomic_write_json
 from ahvbackup.core.model import VmInfo
 
 from .handlers import FileEmitter, JobMessages
@@ -41,6 +48,8 @@ from .handlers import FileEmitter, JobMessages
 log = logging.getLogger("ahvbackup.bacula.sink")
 
 SPOOL_READ = 1 << 20
+#: manifests kept per VM in the record of sent backups (enough for any chain Bacula keeps)
+SENT_KEPT = 200
 _io = trio.CapacityLimiter(4)
 
 
@@ -113,6 +122,7 @@ class _EmitterWriter(BackupWriter):
         await self.emitter.file(self.vpath("vm.json"), size=len(doc), mtime=self.created,
                                 chunks=_once(doc))
         await self.abort()
+        self.sink.record_sent(self.vm, manifest)
         return _stored(self.vm, self.backup_id, self.level, self.created, self.stored, manifest)
 
     async def abort(self) -> None:
@@ -153,6 +163,7 @@ class _PipeWriter(BackupWriter):
         return total
 
     async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup:
+        self.sink.record_sent(self.vm, manifest)
         return _stored(self.vm, self.backup_id, self.level, self.created, self.stored, manifest)
 
     async def abort(self) -> None:
@@ -185,6 +196,7 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 class BaculaSink(Sink):
     name = "bacula"
     summary = "Bacula: metaplugin virtual files or one bpipe stream (inside a Bacula job)"
+    keeps_chains = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -195,6 +207,7 @@ class BaculaSink(Sink):
         self.pipe_used = False
         self.pipe_lock = trio.CapacityLimiter(1)
         self.spool_root = Path(config.working_dir) / f"ahvbackup-spool-{os.getpid()}"
+        self.sent_root = Path(config.state_dir) / "bacula-sent"
         self._vms: set[str] = set()
 
     def attach_emitter(self, emitter: FileEmitter, *, path_of: Callable[..., str],
@@ -223,9 +236,41 @@ class BaculaSink(Sink):
         """Remove this process's spool folder."""
         shutil.rmtree(self.spool_root, ignore_errors=True)
 
+    def record_sent(self, vm: VmInfo, manifest: Mapping[str, Any]) -> None:
+        """Remember a backup handed to Bacula (what the next incremental builds on)."""
+        folder = self.sent_root / vm.uuid
+        try:
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            atomic_write_json(folder / f"{manifest['backup_id']}.json", dict(manifest))
+            for old in sorted(folder.glob("*.json"))[:-SENT_KEPT]:
+                old.unlink(missing_ok=True)
+        except OSError as err:
+            raise SinkError(f"state_dir: cannot record backup {manifest['backup_id']} of "
+                            f"{vm.name} in {folder} ({err.strerror}); the next backup of this "
+                            "VM will be a full") from err
+
     async def backups(self, vm: str | None = None) -> list[StoredBackup]:
-        raise SinkError("sink=bacula: Bacula's catalog holds the backups; list them with "
-                        "bconsole (list jobs, list files jobid=N)")
+        """Backups this host handed to Bacula (its record), oldest first; `vm` is a UUID or
+        name. Bacula's catalog is the authority: list it with bconsole (list jobs)."""
+        found = []
+        for path in self.sent_root.glob("*/*.json"):
+            try:
+                doc = json.loads(path.read_text())
+                info = doc["vm"]
+                item = StoredBackup(
+                    backup_id=doc["backup_id"], vm_uuid=info["uuid"], vm_name=info["name"],
+                    level=doc["level"], created=float(doc["created"]),
+                    disks=tuple(d["label"] for d in doc["disks"] if d.get("stream")),
+                    bytes_stored=sum(int(d.get("bytes_stored", 0)) for d in doc["disks"]),
+                    manifest=doc)
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                log.warning("bacula sink: %s is unreadable (%s); skipped", path, err)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            if vm is None or vm in (item.vm_uuid, item.vm_name):
+                found.append(item)
+        return sorted(found, key=lambda b: (b.created, b.backup_id))
 
     def open_stream(self, backup: StoredBackup, label: str) -> BinaryIO:
         raise SinkError("sink=bacula: restore through Bacula (bconsole restore), which hands "
