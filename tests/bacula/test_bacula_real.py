@@ -134,3 +134,35 @@ async def test_two_file_daemons_back_up_different_vms_at_the_same_time(
     finally:
         await in_thread(lab.stop)
 
+
+
+async def test_full_and_incremental_through_bpipe_restore_both_points(
+        world: World, tmp_path: Path) -> None:
+    size = 16 * MiB
+    vm = world.add_vm("rc", [(size, [(0, 4 * MiB), (10 * MiB, 2 * MiB)])])
+    conf = write_config(world, tmp_path / "ahvbackup.conf")
+    spare = "bpipe:/@lab/unused:/bin/true:/bin/sh -c 'cat > /dev/null'"
+    lab = lab_for(tmp_path, filesets={"unused": spare}, resources=await fileset(conf, "rc"))
+    point1 = world.sim.read_disk(vm.uuid, 0, 0, size)
+    at1, at2 = tmp_path / "at1", tmp_path / "at2"
+    await in_thread(lab.start)
+    try:
+        full = await in_thread(lab.run_job, "run job=ahv-rc level=Full yes")
+        assert (full.status, full.errors) == ("T", 0), lab.job_log()
+        world.sim.write_disk(vm.uuid, 0, 12 * MiB, os.urandom(MiB))
+        world.sim.write_disk(vm.uuid, 0, MiB, bytes(MiB))
+        inc = await in_thread(lab.run_job, "run job=ahv-rc level=Incremental yes")
+        assert (inc.status, inc.errors) == ("T", 0), lab.job_log()
+        assert "backed up rc scsi.0: level=incremental" in lab.job_log()
+        assert inc.bytes < full.bytes / 2, (inc, full)
+
+        for where, jobs in ((at1, [full]), (at2, [full, inc])):
+            for job in jobs:  # the chain, oldest first, into the same where
+                done = await in_thread(lab.run_job, f"restore jobid={job.job_id} client=lab-fd "
+                                                    f"where={where} all done yes")
+                assert (done.status, done.errors) == ("T", 0), lab.job_log()
+        assert (at1 / "rc" / "scsi.0.raw").read_bytes() == point1
+        assert same_as_sim(world.sim, vm.uuid, 0, at2 / "rc" / "scsi.0.raw")
+        assert "restored rc scsi.0 (incremental)" in lab.job_log()
+    finally:
+        await in_thread(lab.stop)

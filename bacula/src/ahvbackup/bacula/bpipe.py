@@ -92,15 +92,12 @@ def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
         os.close(out_fd)
     if not result.vms:
         raise JobError(f"vm={vm_name}: no such VM (nothing was written; this backup is empty)")
-    for vr in result.vms:
-        for w in vr.warnings:
-            _say(f"warning: {w}")
     if not result.ok:
         raise JobError(f"backup of {vm_name} {label} failed: {'; '.join(result.failed)} "
                        "(the stream written is incomplete and will be refused at restore)")
     (vr,) = result.vms
     (dr,) = vr.disks
-    _say(f"backed up {vm_name} {label}: level={dr.kind} backup={vr.backup_id} "
+    _say(f"backed up {vr.vm_name} {label}: level={dr.kind} backup={vr.backup_id} "
          f"read={dr.bytes_read} stream={dr.bytes_stored} consistency={vr.consistency}")
 
 
