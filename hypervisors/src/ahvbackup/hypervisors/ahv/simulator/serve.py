@@ -151,6 +151,16 @@ async def serve_simulator(
 
 
 
+def _in_trio(token: trio.lowlevel.TrioToken, fn: Any, *args: Any) -> None:
+    """Call `fn` on the trio thread (the model calls back from request worker threads)."""
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        trio.from_thread.run_sync(fn, *args, trio_token=token)
+    else:
+        fn(*args)
+
+
 async def _serve_iscsi(sim: Simulator, clusters: list[Any], port: int | None,
                        nursery: trio.Nursery) -> dict[str, tuple[str, int]]:
     """Start one iSCSI target per cluster on its DSIP (volume groups); returns the portals."""
@@ -167,7 +177,8 @@ async def _serve_iscsi(sim: Simulator, clusters: list[Any], port: int | None,
     portals: dict[str, tuple[str, int]] = {}
     for c in clusters:
         target = IscsiTarget(exports=partial(vgs.exports, c.uuid), name=f"iscsi-{c.name}")
-        vgs.on_detach(target.drop_sessions)
+        vgs.on_detach(partial(_in_trio, trio.lowlevel.current_trio_token(),
+                              target.drop_sessions))
         host, bound = await nursery.start(target.serve, c.dsip, chosen)
         portals[c.uuid] = (host, bound)
     return portals
