@@ -107,6 +107,19 @@ async def test_vg_cloned_from_a_snapshot_serves_the_snapshot_to_attached_initiat
     assert (await pe.api.get(V2)).json()["entities"] == []
 
 
+async def test_deleting_a_vg_drops_its_live_sessions(pe: Cluster) -> None:
+    _vm, path, _expect = _vm_with_snapshot(pe.sim, 4 * MiB)
+    vg = await _create(pe, path)
+    await pe.api.post(f"{V2}/{vg['uuid']}/open", json={"iscsi_client": {"client_address": ME}})
+    async with IscsiSession.connect(portal=pe.portal, target_iqn=vg["iscsi_target"],
+                                    initiator_iqn=ME, reconnect_attempts=1) as s:
+        await s.read_into(0, memoryview(bytearray(4096)))
+        r = await pe.api.delete(f"{V2}/{vg['uuid']}")
+        assert r.status_code == 201, r.text
+        with pytest.raises(IscsiLoginError, match="target not found"):
+            await s.read_into(0, memoryview(bytearray(4096)))
+
+
 async def test_qemu_img_reads_a_vg_through_the_simulator_portal(pe: Cluster,
                                                                 tmp_path: Path) -> None:
     require_peer("qemu-img")
