@@ -25,6 +25,7 @@ import click
 
 from ahvbackup.core.cli import Context, pass_context
 from ahvbackup.core.cli.options import config_options, load_job_config, run_trio
+from ahvbackup.core.drivers import RestoreTarget
 from ahvbackup.core.errors import ConfigError, JobError
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.results import JobResult
@@ -118,9 +119,9 @@ def bpipe_restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...]
                           "(the writer is run with %w)")
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose, overrides={"where": where})
-    target = load_driver("target", cfg.target)(cfg)
+    target = load_driver("target", cfg.target, base=RestoreTarget)(cfg)
     applier = StreamApplier(target=target, dest=Path(where), name="stream on stdin")
-    out = apply_blocking(applier, sys.stdin.buffer.read1)
+    out = apply_blocking(applier, lambda n: os.read(0, n))
     click.echo(f"ahvbackup: restored {out.vm_name} {out.label} ({out.kind}) to {out.path}: "
                f"{out.data_bytes} data bytes, {out.zero_bytes} zero bytes, "
                f"chain {'+'.join(out.backup_ids)}")

@@ -22,6 +22,7 @@ from typing import Any
 
 import trio
 
+from ahvbackup.core.drivers import RestoreTarget
 from ahvbackup.core.errors import ConfigError, SinkError, TargetError
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.results import JobResult
@@ -188,7 +189,7 @@ class JobHandlers(BackendHandlers):
             await _write_plain(path, data)
             return
         vm_dir = path.parent.parent
-        target = load_driver("target", ctx.config.target)(ctx.config)
+        target = load_driver("target", ctx.config.target, base=RestoreTarget)(ctx.config)
         applier = StreamApplier(target=target, dest=vm_dir.parent, vm_name=vm_dir.name,
                                 name=file.fname)
         try:
