@@ -213,12 +213,8 @@ class IscsiTarget:
             log.error("%s: session from %s failed: %r", self.name, conn.peer,
                       err.exceptions[0], exc_info=err.exceptions[0])
         finally:
-            self.target_gone(conn)
+            self._sessions.pop(id(conn), None)
             close_socket(sock)
-
-    def target_gone(self, conn: _Connection) -> None:
-        self._sessions.pop(id(conn), None)
-        close_socket(conn.sock)
 
     def _new_tsih(self) -> int:
         self._next_tsih = self._next_tsih % 0xFFFE + 1
