@@ -182,3 +182,13 @@ def test_a_damaged_incremental_removes_the_image(tmp_path: Path) -> None:
     with pytest.raises(StreamFormatError):
         apply(tmp_path, bytes(inc))
     assert not image.exists()
+
+
+async def test_sink_bacula_outside_a_bacula_job_says_where_it_works(world: World,
+                                                                    tmp_path: Path) -> None:
+    world.add_vm("svm", [(4 * MiB, [(0, MiB)])])
+    out = await run("backup", *world.cli_args(vm="svm", sink="bacula"))
+    assert out.returncode != 0
+    assert "sink=bacula works only inside a Bacula job" in out.stdout.decode() + \
+        out.stderr.decode()
+    assert world.sim.images == {}
