@@ -606,11 +606,15 @@ class _Connection:
             here = self.sock.getsockname()
             host = f"[{here[0]}]" if ":" in here[0] else here[0]
             want = keys["SendTargets"]
+            current = self.export.iqn if self.export else None
             for iqn, export in sorted(self.target.exports().items()):
-                if want not in ("All", "", iqn) or not export.permits(self.initiator):
-                    continue
-                if self.discovery or want != "All" or iqn == (self.export.iqn
-                                                                if self.export else None):
+                # RFC 7143 13.3: All lists every target in a discovery session and the current
+                # one in a normal session; an empty value means the current one; else that name
+                if want == "All":
+                    shown = self.discovery or iqn == current
+                else:
+                    shown = iqn == (want or current)
+                if shown and export.permits(self.initiator):
                     out += [("TargetName", iqn), ("TargetAddress", f"{host}:{here[1]},1")]
         body = encode_text(out)
         await self._send(self._hdr(Op.TEXT_RESPONSE, 0x80, len(body), itt=itt), body)
