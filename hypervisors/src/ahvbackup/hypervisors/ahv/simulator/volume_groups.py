@@ -18,6 +18,7 @@ __all__ = ["VgDisk", "VolumeGroup", "VolumeGroups", "volume_groups"]
 
 import contextlib
 import json
+import re
 import threading
 import time
 import uuid as uuidlib
@@ -32,6 +33,11 @@ from .simulator import EntityNotFound, InvalidRequest, Simulator
 
 TARGET_PREFIX = "iqn.2010-06.com.nutanix"
 _FORMAT = 1
+
+
+def _iqn_part(name: str) -> str:
+    """A VG name as it may appear in an IQN (lower case letters, digits, '.', '-')."""
+    return re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-") or "vg"
 
 
 @dataclass
@@ -149,7 +155,7 @@ class VolumeGroups:
             vg_uuid = uuid or str(uuidlib.uuid4())
             vg = VolumeGroup(uuid=vg_uuid, name=name, cluster_uuid=cluster_uuid,
                              description=description, created=time.time(),
-                             iscsi_target=f"{TARGET_PREFIX}:{name.lower()}-{vg_uuid}")
+                             iscsi_target=f"{TARGET_PREFIX}:{_iqn_part(name)}-{vg_uuid}")
             if fail is None:
                 made: list[str] = []
                 try:
