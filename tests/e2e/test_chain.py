@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import trio
+from e2e_world import MiB, World
 
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.consolidate import ConsolidateJob
 from ahvbackup.core.jobs.restore import RestoreJob, VerifyJob, pick_backup
 from ahvbackup.core.jobs.retention import apply_retention
 from ahvbackup.core.jobs.runtime import Runtime
-
-from e2e_world import MiB, World
 
 CLI = [sys.executable, "-m", "ahvbackup.core.cli"]
 
@@ -158,7 +157,7 @@ async def test_trust_check_reports_a_change_tracking_miss_and_forces_a_full(
     disk = result.vms[0].disks[0]
     assert disk.trust_mismatch and disk.sampled_bytes == 8 * MiB
     assert any("TRUST CHECK FAILED" in w and "offset 5242880" in w for w in result.vms[0].warnings)
-    _, nxt = rt, await BackupJob(rt).run()
+    nxt = await BackupJob(rt).run()
     assert nxt.vms[0].disks[0].kind == "full"
     assert any("change tracking missed" in w for w in nxt.vms[0].disks[0].warnings)
     # and with honest tracking the check passes quietly
@@ -169,7 +168,7 @@ async def test_trust_check_reports_a_change_tracking_miss_and_forces_a_full(
 
 
 async def test_cli_restore_at_a_time_and_consolidate(world: World) -> None:
-    vm_uuid, ids, images = await _chain(world, "cli", 2)
+    _, ids, images = await _chain(world, "cli", 2)
     rt = Runtime.from_config(world.config(vm="cli"))
     created = {b.backup_id: b.created for b in await rt.sink.backups()}
     out = world.tmp / "pit"
