@@ -246,3 +246,23 @@ async def test_full_then_incremental_restore_both_points_byte_identical(
     kind, text = await trio.to_thread.run_sync(lone)
     assert kind == "E"
     assert "has no restored full to apply it to" in text
+
+
+async def test_listing_shows_clusters_then_their_vms(world: World, spawn: Spawn,
+                                                     base_params: list[str]) -> None:
+    world.add_vm("lvm-a", [(MiB, [])])
+    world.add_vm("lvm-b", [(MiB, [])])
+    cluster = cluster_name(world)
+
+    def listing(path: str) -> list[str]:
+        b = opened(spawn, [*prism_params(world, base_params, vm="lvm-*"), f"listing={path}"],
+                   kind="E")
+        b.start("ListingStart")
+        files = b.files(data=False)
+        assert b.end() == 0
+        return [f.fname for f in files]
+
+    top = await trio.to_thread.run_sync(listing, "/")
+    vms = await trio.to_thread.run_sync(listing, f"/@ahvbackup/{cluster}")
+    assert top == [f"/@ahvbackup/{cluster}/"]
+    assert sorted(vms) == [f"/@ahvbackup/{cluster}/lvm-a/", f"/@ahvbackup/{cluster}/lvm-b/"]
