@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import httpx
 from e2e_world import MiB, World
 
 from ahvbackup.core.jobs.backup import BackupJob
@@ -204,3 +205,22 @@ async def test_restore_at_a_time_and_chain_verify_names_a_missing_link(world: Wo
     assert not gone.ok
     assert f"reference backup {ids[1]} is not in the repository" in (gone.disks[0].error or "")
     assert not (world.tmp / "gone" / "pit" / "scsi.0.raw").exists()
+
+
+async def test_changed_regions_of_a_deleted_reference_is_a_404_naming_it(world: World) -> None:
+    vm = world.add_vm("crt", [(4 * MiB, [(0, MiB)])])
+    cluster = vm.cluster_uuid
+    old = world.sim.create_vm_snapshot(vm_uuid=vm.uuid, name="a", snapshot_type="CRASH_CONSISTENT",
+                                       cluster_uuid=cluster)
+    new = world.sim.create_vm_snapshot(vm_uuid=vm.uuid, name="b", snapshot_type="CRASH_CONSISTENT",
+                                       cluster_uuid=cluster)
+    ref, path = old.files[0].snapshot_file_path, new.files[0].snapshot_file_path
+    world.sim.delete_vm_snapshot(old.uuid)
+    transport = httpx.ASGITransport(app=world.sim.pe_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://pe:9440",
+                                 auth=("admin", "nutanix/4u")) as pe:
+        r = await pe.post("/api/nutanix/v3/data/changed_regions",
+                          json={"snapshot_file_path": path, "reference_snapshot_file_path": ref})
+        assert r.status_code == 404 and ref in r.text
+        assert (await pe.post("/api/nutanix/v3/data/changed_regions",
+                              content=b"")).status_code == 422
