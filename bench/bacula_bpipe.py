@@ -6,7 +6,9 @@ Both jobs store the same number of bytes through the same Director, Storage and 
 the page cache, so `ratio` (peer seconds / ours) says how much of Bacula's own speed our reader
 keeps: snapshot, image staging, ranged reads from the simulator (in its own process), encoding.
 Job wall times include Bacula's fixed start and ``wait`` overhead (~3 s), measured the same way
-for both; `*_catalog_mb_s` uses the catalog's whole-second job times instead.
+for both (``wait`` polls, so they move in whole seconds: use a few GiB); `*_catalog_mb_s` uses
+the catalog's whole-second job times instead. `reader_alone_*` is the same reader writing the
+stream to a file without Bacula (how the peer's stream was made).
 
     .venv/bin/python bench/bacula_bpipe.py [--gib 2] [--data-mib 512] [--runs 2]
 """
@@ -72,8 +74,10 @@ def main() -> None:
             conf = write_config(work / "ahvbackup.conf", pc=served.pc, ca=served.ca, work=work)
             reader = f"{AHVBACKUP} bpipe backup -c {conf} --vm bench-vm --disk scsi.0 --level full"
             stream = work / "premade.ahvd"
+            t0 = time.perf_counter()
             with stream.open("wb") as out:
                 subprocess.run(reader.split(), stdout=out, stderr=subprocess.DEVNULL, check=True)
+            reader_alone = time.perf_counter() - t0
             filesets = {
                 "ours": f"bpipe:/@ahvbackup/bench/bench-vm/disks/scsi.0.ahvd:{reader}:/bin/true",
                 "cat": f"bpipe:/@bench/premade.ahvd:/bin/cat {stream}:/bin/true",
@@ -107,6 +111,8 @@ def main() -> None:
         "ours_wall_mb_s": round(stream_bytes / ours_wall / 1e6, 1),
         "cat_wall_mb_s": round(stream_bytes / cat_wall / 1e6, 1),
         "ratio": round(cat_wall / ours_wall, 3),
+        "reader_alone_seconds": round(reader_alone, 2),
+        "reader_alone_mb_s": round(stream_bytes / reader_alone / 1e6, 1),
         "ours_catalog_mb_s": round(stream_bytes / statistics.median(cat_s["ours"]) / 1e6, 1),
         "cat_catalog_mb_s": round(stream_bytes / statistics.median(cat_s["cat"]) / 1e6, 1),
     }
