@@ -77,8 +77,7 @@ def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     )
     cfg, warnings = backup_config(cfg)
     for warning in warnings:
-        if level != "auto" or not warning.startswith("level "):
-            _say(f"warning: {warning}")
+        _say(f"warning: {warning}")
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
     sink = rt.sink
     assert isinstance(sink, BaculaSink)

@@ -42,7 +42,6 @@ STREAM_SUFFIX = ".ahvd"
 def backup_config(config: Any) -> tuple[Any, list[str]]:
     """The configuration a Bacula backup runs with, and warnings for what had to change.
 
-    - a level the job engine cannot run becomes a full (Bacula accepts one at any level);
     - retention (keep_fulls, keep_days) is Bacula's job: its Pool and Job retention apply;
     - verify_unchanged_sample needs to read the reference backup back, which lives in Bacula.
     """
@@ -56,25 +55,7 @@ def backup_config(config: Any) -> tuple[Any, list[str]]:
         changes["verify_unchanged_sample"] = 0.0
         warnings.append("verify_unchanged_sample needs the reference backup on this host; "
                         "not available with Bacula, ignored")
-    cfg = dataclasses.replace(config, **changes)
-    try:
-        _check_level(cfg)
-    except ConfigError as err:
-        if not str(err).startswith("level:"):
-            raise
-        warnings.append(f"level {cfg.level} is not available in this version ({err}); "
-                        "taking a full backup")
-        cfg = dataclasses.replace(cfg, level="full")
-    return cfg, warnings
-
-
-def _check_level(cfg: Any) -> None:
-    """Raises the job engine's own ConfigError when it cannot run `cfg.level`."""
-
-    class _Rt:
-        config = cfg
-
-    BackupJob(_Rt(), disks=())  # type: ignore[arg-type]
+    return dataclasses.replace(config, **changes), warnings
 
 
 class JobHandlers(BackendHandlers):
