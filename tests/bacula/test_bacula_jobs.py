@@ -126,16 +126,18 @@ async def test_a_damaged_stream_is_refused_and_leaves_no_image(
 async def test_estimate_sizes_files_by_what_a_backup_would_read(
         world: World, spawn: Spawn, base_params: list[str]) -> None:
     world.add_vm("evm", [(16 * MiB, [(0, 3 * MiB)]), (4 * MiB, [])])
-    params = prism_params(world, base_params, vm="evm")
+    params = prism_params(world, base_params, vm="evm", keep_fulls="2")
 
-    def scenario() -> list:
+    def scenario() -> tuple[list, list[str]]:
         b = opened(spawn, params, kind="E")
         b.start("EstimateStart")
         files = b.files(data=False)
+        warnings = [p.text for p in b.messages if p.kind == "W"]
         assert b.end() == 0
-        return files
+        return files, warnings
 
-    files = await trio.to_thread.run_sync(scenario)
+    files, warnings = await trio.to_thread.run_sync(scenario)
+    assert any(w.startswith("keep_fulls/keep_days do not apply to Bacula") for w in warnings)
     sizes = {f.fname.rsplit("/", 1)[1]: int(f.stat.split()[1]) for f in files}
     assert sizes["scsi.0.ahvd"] == 3 * MiB
     assert sizes["scsi.1.ahvd"] == 0
