@@ -240,10 +240,13 @@ class BackupJob:
         vr.ok = True
         log.info(msgs.backup_complete(vm.name, len(vr.disks), vr.bytes_read, vr.bytes_stored))
         if cfg.keep_fulls or cfg.keep_days:
-            dropped = await apply_retention(rt, vm_uuid=vm.uuid, keep_fulls=cfg.keep_fulls,
-                                            keep_days=cfg.keep_days)
-            for b in dropped:
-                log.info("retention: removed backup %s of %s", b, vm.name)
+            try:
+                await apply_retention(rt, vm_uuid=vm.uuid, keep_fulls=cfg.keep_fulls,
+                                      keep_days=cfg.keep_days)
+            except AhvBackupError as err:  # the backup itself is complete
+                warning = f"VM {vm.name}: retention could not run: {err}"
+                log.warning("%s", warning)
+                vr.warnings.append(warning)
 
     def _retain(
         self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, old: VmState | None, backup_id: str,
