@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import httpx
+import pytest
 from e2e_world import MiB, World
 
 from ahvbackup.core.jobs.backup import BackupJob
@@ -224,3 +225,30 @@ async def test_changed_regions_of_a_deleted_reference_is_a_404_naming_it(world: 
         assert r.status_code == 404 and ref in r.text
         assert (await pe.post("/api/nutanix/v3/data/changed_regions",
                               content=b"")).status_code == 422
+
+
+async def test_state_write_failure_keeps_the_old_reference_and_snapshots(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    vm = world.add_vm("sw", [(8 * MiB, [(0, MiB)])])
+    rt, full = await _backup(world, "sw", "full")
+    refs = rt.states.all()[0].snapshot_ids()
+    world.sim.write_disk(vm.uuid, 0, 2 * MiB, os.urandom(MiB))
+    rt = Runtime.from_config(world.config(vm="sw", level="incremental", chunk_size_mib=1))
+
+    def no_space(state: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(rt.states, "save", no_space)
+    result = await BackupJob(rt).run()
+    assert not result.ok
+    assert "cannot write its state" in (result.vms[0].error or "")
+    # the old reference is untouched on the cluster, the new snapshot is gone, nothing on the
+    # ledger, and the state still names the full
+    assert set(world.sim.snapshots) == refs
+    assert not list((world.tmp / "state" / "ledger").glob("*.json"))
+    state, _ = rt.states.load(vm.uuid)
+    assert state is not None and state.last_backup_id == full.vms[0].backup_id
+    monkeypatch.undo()
+    _, nxt = await _backup(world, "sw", "incremental")
+    assert nxt.vms[0].disks[0].kind == "incremental"

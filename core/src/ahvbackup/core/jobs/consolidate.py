@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["ConsolidateJob", "ConsolidateOutcome"]
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -76,7 +77,7 @@ class ConsolidateJob:
         try:
             for entry in entries:
                 links = chains[entry["label"]]
-                stored = await writer.write_disk(entry["label"], self._synthetic(links))
+                stored = await self._write_synthetic(writer, links)
                 await trio.to_thread.run_sync(self._compare, writer, links)
                 new_disks.append({
                     **entry, "kind": "full", "reference_backup": None, "reference_snapshot": None,
@@ -102,8 +103,8 @@ class ConsolidateJob:
         out.seconds = time.monotonic() - started
         return out
 
-    async def _synthetic(self, links: list[Link]) -> AsyncIterator[bytes]:
-        """The full stream of the chain's image, produced in a worker thread."""
+    async def _write_synthetic(self, writer: Any, links: list[Link]) -> int:
+        """Write the chain's image as one full stream; produced in a worker thread."""
         send, recv = trio.open_memory_channel[bytes](4)
         token = trio.lowlevel.current_trio_token()
         tip = links[-1]
@@ -134,14 +135,20 @@ class ConsolidateJob:
                 put(enc.trailer())
 
         async def run() -> None:
+            # BrokenResourceError: the writer stopped taking data; its own error is what matters
             async with send:
-                await trio.to_thread.run_sync(produce)
+                with contextlib.suppress(trio.BrokenResourceError):
+                    await trio.to_thread.run_sync(produce)
+
+        async def items() -> AsyncIterator[bytes]:
+            async for item in recv:
+                yield item
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(run)
             async with recv:
-                async for item in recv:
-                    yield item
+                stored: int = await writer.write_disk(tip.label, items())
+        return stored
 
     def _compare(self, writer: Any, links: list[Link]) -> None:
         """Read the new stream back in full (digest included) and compare it, range by range,
