@@ -115,7 +115,17 @@ async def run_demo(work: Path, *, verbose: int) -> dict[str, Any]:
             checks.append({"disk": label, "size": out.size, "identical": same,
                            "stream_digest": out.digest})
         verified = [await VerifyJob(rt, b).run() for b in await rt.sink.backups()]
-        leftovers = {"snapshots": len(sim.snapshots), "images": len(sim.images)}
+        # each VM's snapshot stays as the reference of its next incremental; anything else
+        # (another snapshot, an image, a volume group) would be debris
+        references: set[str] = set()
+        for vm_result in backup.vms:
+            state, _ = rt.states.load(vm_result.vm_uuid)
+            references |= state.snapshot_ids() if state else set()
+        leftovers = {
+            "reference_snapshots": len(set(sim.snapshots) & references),
+            "other_snapshots": len(set(sim.snapshots) - references),
+            "images": len(sim.images),
+        }
     total = time.monotonic() - started
     return {
         "inventory": inventory,
@@ -155,7 +165,10 @@ def _human(r: dict[str, Any]) -> str:
     lines.append(f"Verified {r['verified_backups']} backups end to end"
                  + (f"; FAILED: {', '.join(r['verify_failures'])}" if r["verify_failures"] else ""))
     left = r["left_on_cluster"]
-    lines.append(f"Left on the cluster: {left['snapshots']} snapshots, {left['images']} images")
+    lines.append(
+        f"Left on the cluster: {left['reference_snapshots']} reference snapshots (kept for the "
+        f"next incremental), {left['other_snapshots']} other snapshots, {left['images']} images"
+    )
     lines.append(f"Done in {r['seconds']} s (work files in {r['work_dir']})")
     return "\n".join(lines)
 
@@ -174,7 +187,10 @@ def demo(ctx: Context, keep: Path | None) -> None:
         result = trio.run(lambda: run_demo(work, verbose=ctx.verbose or 1))
         emit(ctx, result, _human)
         bad = [c["disk"] for c in result["restore_check"] if not c["identical"]]
-        if bad or result["verify_failures"] or any(result["left_on_cluster"].values()):
+        left = result["left_on_cluster"]
+        debris = left["other_snapshots"] or left["images"]
+        references_ok = left["reference_snapshots"] == result["vms"]
+        if bad or result["verify_failures"] or debris or not references_ok:
             raise JobError("the demo found a problem (see above)")
     finally:
         if keep is None:
