@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -16,7 +18,7 @@ def link(draw: st.DrawFn) -> list[IndexEntry]:
     """Sorted, non-overlapping records over a 64-unit disk."""
     cuts = sorted(draw(st.sets(st.integers(0, SIZE), max_size=12)))
     records = []
-    for seq, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
+    for seq, (a, b) in enumerate(itertools.pairwise(cuts)):
         if draw(st.booleans()):
             kind = draw(st.sampled_from(["data", "zero"]))
             records.append(IndexEntry(kind, seq, a, b - a, 0))  # type: ignore[arg-type]
