@@ -112,6 +112,19 @@ class ReleaseStack:
         self._held.append(rec)
         return rec
 
+    def keep(self, rec: Record) -> None:
+        """Let go of `rec` without releasing it: the resource outlives the job (a snapshot that
+        becomes the next incremental's reference), so it leaves the ledger too, or a sweep
+        would delete it."""
+        if rec in self._held:
+            self._held.remove(rec)
+        self.ledger.forget(rec)
+
+    def held(self, kind: str, resource_id: str) -> Record | None:
+        return next(
+            (r for r in self._held if r.kind == kind and r.resource_id == resource_id), None
+        )
+
     async def release(self, rec: Record) -> bool:
         """Release one record now (for resources whose life ends before the job's)."""
         self._held.remove(rec)

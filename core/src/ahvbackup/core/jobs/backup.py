@@ -37,7 +37,7 @@ from ..stream import MAX_DATA_LENGTH, StreamHeader, StreamReader
 from .chain import ChainImage, resolve_chain
 from .encode import encode_disk
 from .readahead import Chunk, read_chunks
-from .references import DiskPlan, RetainingStack, plan_disk, unreferenced
+from .references import DiskPlan, plan_disk, unreferenced
 from .results import DiskResult, JobResult, VmResult
 from .retention import apply_retention
 from .runtime import Runtime, resolve_data_path
@@ -169,7 +169,7 @@ class BackupJob:
         backups: dict[str, StoredBackup] = {}
         if cfg.level != "full" and old_state is not None:
             backups = {b.backup_id: b for b in await rt.sink.backups(vm.uuid)}
-        stack = RetainingStack(rt.ledger, owner=rt.job_id, releaser=session.release)
+        stack = ReleaseStack(rt.ledger, owner=rt.job_id, releaser=session.release)
         async with stack:
             name = f"ahvbackup-{rt.job_id}-{vm.name}"
             try:
@@ -250,7 +250,7 @@ class BackupJob:
 
     def _retain(
         self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, old: VmState | None, backup_id: str,
-        stack: RetainingStack,
+        stack: ReleaseStack,
     ) -> None:
         """Make the new snapshot the reference in state; queue unreferenced ones for deletion."""
         rt = self.rt
@@ -596,7 +596,9 @@ async def _noting(
         yield r
 
 
-async def _iterate(recv: trio.MemoryReceiveChannel[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
+async def _iterate(
+    recv: trio.MemoryReceiveChannel[bytes | memoryview],
+) -> AsyncIterator[bytes | memoryview]:
     async with recv:
         async for item in recv:
             yield item

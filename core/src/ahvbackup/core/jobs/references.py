@@ -14,14 +14,13 @@ swept by the next run; on any failure the old state and its snapshots stay as th
 
 from __future__ import annotations
 
-__all__ = ["DiskPlan", "RetainingStack", "plan_disk", "unreferenced"]
+__all__ = ["DiskPlan", "plan_disk", "unreferenced"]
 
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..drivers import StoredBackup
-from ..ledger import Record, ReleaseStack
 from ..model import DiskSnapshot
 from ..state import DiskState, VmState
 from .chain import disk_entry
@@ -86,20 +85,3 @@ def unreferenced(old: VmState | None, new: VmState) -> set[str]:
     if old is None:
         return set()
     return old.snapshot_ids() - new.snapshot_ids()
-
-
-class RetainingStack(ReleaseStack):
-    """A release stack that can let go of a record without releasing it: the snapshot that
-    becomes the reference outlives the job, so it must leave the ledger (or a sweep would
-    delete it)."""
-
-    def keep(self, rec: Record) -> None:
-        """Stop holding `rec`: it is no longer released at the end, nor swept."""
-        if rec in self._held:
-            self._held.remove(rec)
-        self.ledger.forget(rec)
-
-    def held(self, kind: str, resource_id: str) -> Record | None:
-        return next(
-            (r for r in self._held if r.kind == kind and r.resource_id == resource_id), None
-        )
