@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from tests.e2e.e2e_world import World
+
+from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,3 +42,15 @@ def specs_dir() -> Path:
     if not d.is_dir():
         pytest.fail(f"reference specs not found at {d} (set AHVBACKUP_SPECS)")
     return d
+
+
+@pytest.fixture
+async def world(tmp_path: Path) -> AsyncIterator[World]:
+    """A seeded simulator served over HTTPS with its own CA, for jobs run like an operator's."""
+    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
+    try:
+        async with serve_simulator(sim, port=0, tls=True) as ep:
+            assert ep.ca_path is not None
+            yield World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path, tmp=tmp_path)
+    finally:
+        sim.close()

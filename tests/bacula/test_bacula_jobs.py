@@ -7,28 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import trio
 from harness import Backend, job_fields
 from tests.e2e.e2e_world import MiB, World, same_as_sim
 
-from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
-
 Spawn = Callable[..., Backend]
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
-    try:
-        async with serve_simulator(sim, port=0, tls=True) as ep:
-            assert ep.ca_path is not None
-            yield World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path, tmp=tmp_path)
-    finally:
-        sim.close()
 
 
 def prism_params(world: World, base: list[str], **extra: str) -> list[str]:

@@ -11,7 +11,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +21,10 @@ from lab import BaculaLab
 from tests.conftest import require_peer
 from tests.e2e.e2e_world import MiB, World, same_as_sim
 
-from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
-
 PROGRAMS = ("bacula-dir", "bacula-sd", "bacula-fd", "bconsole")
 AHVBACKUP = Path(sys.executable).with_name("ahvbackup")
 
 pytestmark = pytest.mark.peer
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
-    try:
-        async with serve_simulator(sim, port=0, tls=True) as ep:
-            assert ep.ca_path is not None
-            yield World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path, tmp=tmp_path)
-    finally:
-        sim.close()
 
 
 def write_config(world: World, path: Path) -> Path:

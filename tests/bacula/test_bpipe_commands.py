@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,21 +18,9 @@ from tests.e2e.e2e_world import MiB, World, same_as_sim
 from ahvbackup.bacula.apply import StreamApplier, chain_file
 from ahvbackup.core.errors import StreamFormatError, TargetError
 from ahvbackup.core.stream import StreamHeader, StreamWriter
-from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 from ahvbackup.targets.raw import RawTarget
 
 AHVBACKUP = Path(sys.executable).with_name("ahvbackup")
-
-
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
-    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
-    try:
-        async with serve_simulator(sim, port=0, tls=True) as ep:
-            assert ep.ca_path is not None
-            yield World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path, tmp=tmp_path)
-    finally:
-        sim.close()
 
 
 def write_config(world: World, path: Path, **extra: str) -> Path:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.e2e.e2e_world import MiB, World, same_as_sim
 
 from ahvbackup.core.errors import ConfigError
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, VerifyJob, pick_backup
 from ahvbackup.core.jobs.runtime import Runtime
-
-from e2e_world import MiB, World, same_as_sim
 
 
 async def test_multi_disk_vm_with_holes_restores_byte_identical(world: World) -> None:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import trio
-from e2e_world import MiB, World
+from tests.e2e.e2e_world import MiB, World
 
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.consolidate import ConsolidateJob

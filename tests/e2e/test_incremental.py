@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from e2e_world import MiB, World
+from tests.e2e.e2e_world import MiB, World
 
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, VerifyJob, pick_backup

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from e2e_world import MiB, World
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from tests.e2e.e2e_world import MiB, World
 
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.consolidate import ConsolidateJob

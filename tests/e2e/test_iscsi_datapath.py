@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from e2e_world import MiB, World, same_as_sim
+from tests.e2e.e2e_world import MiB, World, same_as_sim
 
 from ahvbackup.core.config import Config, load_config
 from ahvbackup.core.jobs.backup import BackupJob

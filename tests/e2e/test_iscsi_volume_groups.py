@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-from e2e_world import MiB
 from tests.conftest import require_peer
+from tests.e2e.e2e_world import MiB
 
 from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 from ahvbackup.hypervisors.ahv.simulator.model import Disk, Vm

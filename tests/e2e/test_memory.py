@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import trio
-from e2e_world import MiB, World
+from tests.e2e.e2e_world import MiB, World
 
 # run the CLI and report this process's peak RSS (KiB) on the fd named in RSS_FD when it exits
 WRAPPER = (
