@@ -16,7 +16,7 @@ import logging
 import secrets
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -970,11 +970,18 @@ class IscsiSession:
         if len(buf) <= step:
             await self._read_piece(offset, buf, bs)
             return
+        await self._in_pieces(self._read_piece, offset, buf, bs, step)
+
+    async def _in_pieces(
+        self, piece: Callable[[int, memoryview, int], Awaitable[None]], offset: int,
+        view: memoryview, bs: int, step: int,
+    ) -> None:
+        """Run `piece` on each `step`-sized part of `view` concurrently (the CmdSN window and
+        `_slots` bound how many are in flight); the first failure is raised unwrapped."""
         try:
             async with trio.open_nursery() as nursery:
-                for pos in range(0, len(buf), step):
-                    nursery.start_soon(self._read_piece, offset + pos, buf[pos : pos + step],
-                                       bs)
+                for pos in range(0, len(view), step):
+                    nursery.start_soon(piece, offset + pos, view[pos : pos + step], bs)
         except BaseExceptionGroup as group:
             inner = _unwrap(group)
             if inner is None:
@@ -997,16 +1004,7 @@ class IscsiSession:
         view = memoryview(data).cast("B")
         bs = self._check_range(offset, len(view), "write")
         step = max(bs, self.max_transfer - self.max_transfer % bs)
-        try:
-            async with trio.open_nursery() as nursery:
-                for pos in range(0, len(view), step):
-                    nursery.start_soon(self._write_piece, offset + pos, view[pos : pos + step],
-                                       bs)
-        except BaseExceptionGroup as group:
-            inner = _unwrap(group)
-            if inner is None:
-                raise
-            raise inner from None
+        await self._in_pieces(self._write_piece, offset, view, bs, step)
 
     async def _write_piece(self, offset: int, data: memoryview, bs: int) -> None:
         n = len(data)
