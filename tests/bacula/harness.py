@@ -3,7 +3,8 @@
 It runs the real ``ahvbackup-bacula-backend`` as a subprocess over pipes, the way the Bacula
 metaplugin does (docs/bacula.md, Part A1), and checks every packet the backend sends with its
 own parser (it shares no code with the backend): header shape, packet types allowed at each
-step, and that nothing ever appears on stderr.
+step, and that nothing ever appears on stderr, which also stays open for the whole session
+(the file daemon polls it and reads its end-of-file as a backend error).
 
 Messages (W I S N R P O V Q) are collected while the harness waits for the next C/D/F
 packet, as the plugin does; E and A are returned to the caller, who decides whether they
@@ -116,6 +117,7 @@ class Backend:
 
     def receive_raw(self) -> Packet:
         """The next packet, whatever its type; the header is checked strictly."""
+        self.check_stderr_open()
         deadline = time.monotonic() + self.timeout
         head = self._read_exactly(8, deadline)
         m = _HEADER.match(head)
@@ -242,7 +244,24 @@ class Backend:
         """END, its ack, T; returns the exit status (checking stderr stayed empty)."""
         self.command("END")
         self.expect_ack()
+        return self.terminate()
+
+    def terminate(self, *, linger: float = 0.3) -> int:
+        """T, then keep the pipe open a moment as the file daemon does: the backend must
+        still be reading (an exit before end-of-file is logged as a backend error)."""
         self.send("T")
+        deadline = time.monotonic() + linger
+        while time.monotonic() < deadline:
+            self.check_stderr_open()
+            if self.proc.poll() is not None:
+                raise HarnessError(f"backend exited ({self.proc.returncode}) after T without "
+                                   "reading its input to the end")
+            time.sleep(0.02)
+        return self.close()
+
+    def hang_up(self) -> int:
+        """What a 13.x/15.x file daemon does at the end of a restore with job errors: no END,
+        no T, it closes the pipe."""
         return self.close()
 
     # --- the end ------------------------------------------------------------------------
@@ -268,12 +287,29 @@ class Backend:
         if not self.proc.stdin.closed:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
+        self.check_stderr_open()
         code = self.wait(timeout)
         rest = self.proc.stdout.read()
         self.check_stderr()
         if rest:
             raise HarnessError(f"backend sent bytes after the session ended: {rest[:200]!r}")
         return code
+
+    def check_stderr_open(self) -> None:
+        """Fail when the running backend has written to or closed its stderr."""
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        if self.proc.returncode is not None or not select.select([fd], [], [], 0)[0]:
+            return
+        chunk = os.read(fd, 4096)
+        if chunk:
+            raise HarnessError(f"backend wrote to stderr: {chunk[:2000]!r}")
+        try:  # end-of-file: fine only if the backend is exiting right now
+            self.proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            raise HarnessError("backend closed its stderr while still running (the file "
+                               f"daemon reads that as an error); last: {self.received[-3:]}"
+                               ) from None
 
     def check_stderr(self) -> None:
         assert self.proc.stderr is not None

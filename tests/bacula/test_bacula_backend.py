@@ -293,3 +293,50 @@ def test_pipe_closed_mid_session_exits_without_stderr(spawn: Spawn,
                                                       base_params: list[str]) -> None:
     b = _open(spawn, [*base_params, "vm=alpha"])
     assert b.close() == 1  # no T: an abnormal end, but quiet
+
+
+@pytest.mark.parametrize("debug_log", [True, False], ids=["debug_log", "no-debug_log"])
+def test_stderr_stays_open_and_empty_through_a_backup(spawn: Spawn, tmp_path: Path,
+                                                      base_params: list[str],
+                                                      debug_log: bool) -> None:
+    # the file daemon polls the backend's stderr: an end-of-file there is a job error
+    params = base_params if debug_log else [
+        "debug_log=" if p.startswith("debug_log=") else p for p in base_params]
+    b = _open(spawn, [*params, "vm=alpha"])
+    b.check_stderr_open()  # right after Params, where the log is set up
+    b.start("BackupStart")
+    files = b.files(data=True)
+    assert len(files) == 3
+    b.check_stderr_open()
+    assert b.end() == 0  # T, then the backend reads on until the pipe closes
+
+
+def test_restore_closed_without_end_after_job_errors_is_a_warning(spawn: Spawn,
+                                                                  tmp_path: Path,
+                                                                  base_params: list[str]
+                                                                  ) -> None:
+    where = tmp_path / "r"
+    b = _open(spawn, base_params, kind="R", where=str(where))
+    b.start("RestoreStart")
+    assert b.restore(f"{where}/@ahvbackup/x/reject/vm.json", b"{}").kind == "E"
+    assert b.restore(f"{where}/@ahvbackup/x/ok/vm.json", b"{}").text == "OK"
+    assert b.hang_up() == 0  # Bacula 13.x/15.x send no END after a job with errors
+    assert (where / "@ahvbackup/x/ok/vm.json").read_bytes() == b"{}"
+    log = (tmp_path / "backend.log").read_text()
+    closing = [line for line in log.splitlines() if "without END" in line]
+    assert closing and all("WARNING" in line for line in closing), log[-2000:]
+
+
+def test_hang_up_in_the_middle_of_a_restored_file_is_an_error(spawn: Spawn, tmp_path: Path,
+                                                               base_params: list[str]) -> None:
+    where = tmp_path / "r"
+    b = _open(spawn, base_params, kind="R", where=str(where))
+    b.start("RestoreStart")
+    fname = f"{where}/@ahvbackup/x/ok/vm.json"
+    b.command(f"FNAME:{fname}")
+    b.command("STAT:F 10 0 0 100640 1 0")
+    b.eod()
+    assert b.receive().text == "OK"
+    b.command("DATA")
+    b.send("D", b"12345")  # half the file, then the pipe closes
+    assert b.hang_up() == 1

@@ -8,7 +8,12 @@ Start-up is ordered so the file daemon is answered at once and the pipes stay cl
    `sys.excepthook` logs a crash and sends an ``A`` packet; nothing is written to stderr;
 3. ``Hello`` is answered before trio and the configuration code are imported;
 4. the session runs on trio; once the parameters give `debug_log`, logging goes there and
-   descriptors 1 and 2 point at it too (output of child processes lands in the log).
+   descriptor 1 points at it too (output of child processes lands in the log).
+
+Descriptor 2 is never closed, moved or written: it is the file daemon's error pipe, and the
+file daemon reads its end-of-file as a backend failure (with empty text) for the rest of the
+job. After ``T`` the backend reads its input to the end before it exits, as the file daemon
+takes an early exit for an error too.
 
 SIGUSR1 (the file daemon's cancel) and SIGTERM cancel the running job; cleanup (the ledger's
 shielded releases) runs, then the backend exits 0.
@@ -202,7 +207,9 @@ def load_handlers(spec: str | None) -> BackendHandlers:
 
 
 def _point_output_at(debug_log: Path | None) -> None:
-    """Descriptors 1 and 2 (and so child processes' output) to the debug log, else /dev/null."""
+    """Descriptor 1 (so child processes' output) to the debug log, else /dev/null.
+
+    Descriptor 2 stays where the file daemon pointed it (see the module docstring)."""
     fd = -1
     if debug_log is not None:
         try:
@@ -212,7 +219,6 @@ def _point_output_at(debug_log: Path | None) -> None:
     if fd < 0:
         fd = os.open(os.devnull, os.O_WRONLY)
     os.dup2(fd, 1)
-    os.dup2(fd, 2)
     os.close(fd)
 
 
@@ -251,6 +257,8 @@ def _serve(read_fd: int, write_fd: int, *, plugin: str, api: str,
             await nursery.start(watch_signals, session)
             code = await session.run()
             nursery.cancel_scope.cancel()
+        if session.terminated:
+            await channel.drain_input()
         await channel.aclose()
         return code
 

@@ -122,6 +122,23 @@ class PacketChannel:
             raise ValueError(f"{kind!r} is not a message packet type")
         await self._write(encode_command(mask_secrets(_one_line(text)), kind=kind))
 
+    async def drain_input(self, *, timeout: float = 30.0) -> int:
+        """Read and drop what the plugin still sends, up to its end-of-file; returns the bytes.
+
+        The file daemon closes its end after ``T``; a backend that exits first is reported
+        as failed. The timeout bounds a plugin that never closes."""
+        dropped = 0
+        with trio.move_on_after(timeout):
+            while True:
+                try:
+                    chunk = await self._rx.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    break
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        return dropped
+
     async def aclose(self) -> None:
         with trio.CancelScope(shield=True):
             for stream in (self._tx, self._rx):

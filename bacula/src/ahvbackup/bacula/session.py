@@ -282,6 +282,10 @@ class Session:
         self.phase = "setup"
         self.file_lock = trio.Lock()
         self.cancelled_by: str | None = None
+        #: no file is half sent or half received (a missing END is then harmless)
+        self.data_complete = False
+        #: the file daemon sent T (it closes the pipe next)
+        self.terminated = False
         self._scope = trio.CancelScope()
 
     # control ------------------------------------------------------------------------------
@@ -300,8 +304,7 @@ class Session:
             try:
                 code = await self._loop()
             except PeerClosedError as err:
-                code = 0 if self.refused else 1
-                log.log(logging.INFO if self.refused else logging.ERROR, "%s", err)
+                code = self._peer_closed(err)
             except ProtocolError as err:
                 log.error("protocol error: %s", err)
                 with trio.move_on_after(2):
@@ -312,6 +315,19 @@ class Session:
                      time.monotonic() - started)
             code = 0
         return code
+
+    def _peer_closed(self, err: PeerClosedError) -> int:
+        """The exit status when the file daemon went away: 0 when nothing was cut short."""
+        if self.refused:
+            log.info("%s", err)
+            return 0
+        if self.data_complete:
+            # Bacula 13.x and 15.x skip END after a job with errors; every file was whole
+            log.warning("%s, without END (the file daemon does this after job errors); "
+                        "every file of the job was complete", err)
+            return 0
+        log.error("%s", err)
+        return 1
 
     async def _send_quietly(self, kind: str, text: str) -> None:
         with contextlib.suppress(PeerClosedError):
@@ -325,6 +341,7 @@ class Session:
                 packet = await self.channel.receive()
                 if packet.kind == "T":
                     log.info("terminated by the file daemon (T)")
+                    self.terminated = True
                     return 0
                 if packet.kind != "C":
                     raise ProtocolError(f"expected a command, got a {packet.kind} packet")
@@ -445,6 +462,7 @@ class Session:
         self.phase = what
         log.info("%s started", what)
         if what == "restore":
+            self.data_complete = True
             return await self._restore_loop(ctx)
         if what == "query":
             answers: list[tuple[str, str]] = []
@@ -463,6 +481,7 @@ class Session:
         if await self._guard(what, lambda: method(ctx, emitter)):
             async with self.file_lock:
                 await self.channel.send_eod()  # no more files
+            self.data_complete = True
             log.info("%s done: %d file(s), %d data bytes", what, emitter.files, emitter.bytes)
         return None
 
@@ -498,6 +517,7 @@ class Session:
 
     async def _restore_one(self, ctx: BackendContext, fname: str) -> str | None:
         """One FNAME block; returns the next command when the file had no DATA."""
+        self.data_complete = False
         attrs: dict[str, str] = {}
         while (text := await self.channel.receive_command()) is not None:
             key, sep, value = text.partition(":")
@@ -539,6 +559,7 @@ class Session:
                     log.exception("restore of %s failed with an internal error", fname)
                 log.error("restore of %s failed: %s", fname, failure)
         await blocks.drain()
+        self.data_complete = True
         if has_data:
             if failure is None:
                 await self.channel.send_command("OK")
