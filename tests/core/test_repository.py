@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from ahvbackup.core.errors import SinkError
+from ahvbackup.core.manifest import DiskEntry, Manifest, VmIdentity
 from ahvbackup.core.model import DiskInfo, VmInfo
 from ahvbackup.core.repository import DirectorySink, new_backup_id
 
@@ -23,14 +24,13 @@ VM = VmInfo(
 )
 
 
-def manifest(backup_id: str) -> dict[str, object]:
-    return {
-        "backup_id": backup_id,
-        "vm": {"uuid": VM.uuid, "name": VM.name},
-        "level": "full",
-        "created": 1.0,
-        "disks": [{"label": "scsi.0", "stream": "scsi.0.ahvd", "bytes_stored": 6}],
-    }
+def manifest(backup_id: str) -> Manifest:
+    return Manifest(
+        backup_id=backup_id, vm=VmIdentity(uuid=VM.uuid, name=VM.name), level="full",
+        created=1.0,
+        disks=(DiskEntry(label="scsi.0", uuid="d0", bus="scsi", index=0, size=4096,
+                         stream="scsi.0.ahvd", bytes_stored=6),),
+    )
 
 
 async def chunks(*parts: bytes):  # type: ignore[no-untyped-def]

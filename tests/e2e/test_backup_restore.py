@@ -47,8 +47,15 @@ async def test_selected_disks_only(world: World) -> None:
     out = await RestoreJob(rt, backup, dest=world.tmp / "r", disks=["scsi.1"]).run()
     assert [d.label for d in out.disks] == ["scsi.1"]
     assert not (world.tmp / "r" / "two" / "scsi.0.raw").exists()
-    with pytest.raises(ConfigError, match=r"has no disk scsi\.7 \(it has scsi\.0, scsi\.1\)"):
+    with pytest.raises(ConfigError, match=r"has no disk scsi\.7 \(it has scsi\.0 \(disk-0\), "
+                                          r"scsi\.1 \(disk-1\)\)"):
         RestoreJob(rt, backup, dest=world.tmp / "r", disks=["scsi.7"])
+    # the whitepaper's names: disk-1 is the second data disk, in backup order
+    again = await RestoreJob(rt, backup, dest=world.tmp / "w", disks=["disk-1"]).run()
+    assert [d.label for d in again.disks] == ["scsi.1"]
+    assert (world.tmp / "w" / "two" / "scsi.1.raw").read_bytes() == \
+        (world.tmp / "r" / "two" / "scsi.1.raw").read_bytes()
+    assert not (world.tmp / "w" / "two" / "scsi.0.raw").exists()
 
 
 async def test_concurrency_limits_are_honoured(world: World) -> None:

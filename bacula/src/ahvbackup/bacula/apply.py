@@ -17,7 +17,6 @@ __all__ = ["AppliedStream", "StreamApplier", "apply_blocking", "chain_file"]
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ahvbackup.core.errors import StreamFormatError, TargetError
 from ahvbackup.core.fsutil import atomic_write_json
 from ahvbackup.core.model import DiskInfo
 from ahvbackup.core.stream import Decoder, Record, StreamHeader, Trailer
+from ahvbackup.targets.raw import RawDiskWriter, image_parts
 
 log = logging.getLogger("ahvbackup.bacula.restore")
 
@@ -47,33 +47,6 @@ class AppliedStream:
     zero_bytes: int = 0
     digest: str = ""
     backup_ids: list[str] = field(default_factory=list)  # the chain now in the image
-
-
-class _ExistingImage(DiskWriter):
-    """Writes into an image an earlier stream of the chain produced."""
-
-    def __init__(self, path: Path) -> None:
-        from ahvbackup.targets.raw import punch_hole
-
-        self._punch = punch_hole
-        self.path = path
-        self.fd = os.open(path, os.O_WRONLY)
-
-    def write_at(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view, offset = view[n:], offset + n
-
-    def zero(self, offset: int, length: int) -> None:
-        self._punch(self.fd, offset, length)
-
-    def close(self) -> Path:
-        try:
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
-        return self.path
 
 
 class StreamApplier:
@@ -177,9 +150,9 @@ class StreamApplier:
             self._writer = self.target.open_disk(vm_name=vm, disk=disk, size=h.disk_size,
                                                  dest=self.dest)
             return
-        image = self.dest / vm / f"{disk.label}.raw"
-        self._chain = self._check_chain(h, image)
-        self._writer = _ExistingImage(image)
+        parts = image_parts(vm, disk.label)
+        self._chain = self._check_chain(h, self.dest.joinpath(*parts))
+        self._writer = RawDiskWriter(self.dest, parts, None)  # the image its chain left
 
     def _check_chain(self, h: StreamHeader, image: Path) -> list[str]:
         what = f"{h.kind} stream of {h.vm_name} {h.disk_label} (backup {h.backup_id})"

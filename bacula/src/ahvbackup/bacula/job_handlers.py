@@ -15,6 +15,7 @@ __all__ = ["JobHandlers", "backup_config"]
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,13 +23,15 @@ from typing import Any
 
 import trio
 
+from ahvbackup.core.containment import ContainmentError, check_part, folders_inside, open_inside
 from ahvbackup.core.drivers import RestoreTarget
-from ahvbackup.core.errors import ConfigError, SinkError, TargetError
+from ahvbackup.core.errors import ConfigError, SinkError
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.results import JobResult
 from ahvbackup.core.jobs.runtime import Runtime
 from ahvbackup.core.jobs.selection import select_vms
 from ahvbackup.core.plugins import load_driver
+from ahvbackup.targets.raw import image_parts
 
 from .apply import StreamApplier
 from .handlers import BackendContext, BackendHandlers, FileEmitter, RestoreFile
@@ -142,36 +145,45 @@ class JobHandlers(BackendHandlers):
                               "(bconsole: restore ... where=/path); disks are rebuilt there")
         return Path(ctx.job.where)
 
+    def _parts(self, ctx: BackendContext, fname: str) -> tuple[Path, list[str]]:
+        """`fname` as (where, the components below it), each a plain name: a ``..``, a
+        control character or a name outside `where` is refused by name."""
+        where = self._where(ctx)
+        prefix = str(where).rstrip("/") + "/"
+        if not fname.startswith(prefix):
+            raise ContainmentError(f"{fname}: not under the restore folder {where}; refused")
+        parts = [p for p in fname[len(prefix):].split("/") if p]  # a//b is a/b
+        for part in parts:
+            check_part(part, what=f"restore of {fname}")
+        if not parts:
+            raise ContainmentError(f"{fname}: names the restore folder itself; refused")
+        return where, parts
+
     async def restore_wanted(self, ctx: BackendContext, file: RestoreFile) -> bool:
-        self._where(ctx)
-        name = Path(file.fname).name
-        if name.endswith(STREAM_SUFFIX):
+        where, parts = self._parts(ctx, file.fname)
+        name = parts[-1]
+        if name.endswith(STREAM_SUFFIX) and len(parts) >= 3:
             label = name.removesuffix(STREAM_SUFFIX)
             only = ctx.config.restore_disks_only
             if only and label not in only:
                 return False
-            image = self._image(file.fname, label)
+            image = where.joinpath(*parts[:-3], *image_parts(parts[-3], label))
             if ctx.job.replace == "n" and image.exists():
                 await ctx.messages.info(f"{image} exists and replace=never: skipped")
                 return False
         return True
 
-    def _image(self, fname: str, label: str) -> Path:
-        vm_dir = Path(fname).parent.parent
-        return vm_dir / f"{label}.raw"
-
     async def restore_file(self, ctx: BackendContext, file: RestoreFile,
                            data: AsyncIterator[memoryview]) -> None:
-        where = self._where(ctx)
-        path = Path(file.fname)
-        if where not in path.parents:
-            raise TargetError(f"{file.fname}: not under the restore folder {where}")
-        if not path.name.endswith(STREAM_SUFFIX):
-            await _write_plain(path, data)
+        where, parts = self._parts(ctx, file.fname)
+        if not parts[-1].endswith(STREAM_SUFFIX) or len(parts) < 3:
+            await _write_plain(where, parts, data)
             return
-        vm_dir = path.parent.parent
+        # <...>/<vm>/disks/<label>.ahvd -> the image <...>/<vm>/<label>.raw (raw target)
+        vm_parent = await trio.to_thread.run_sync(
+            lambda: folders_inside(where, parts[:-3], what=f"restore of {file.fname}"))
         target = load_driver("target", ctx.config.target, base=RestoreTarget)(ctx.config)
-        applier = StreamApplier(target=target, dest=vm_dir.parent, vm_name=vm_dir.name,
+        applier = StreamApplier(target=target, dest=vm_parent, vm_name=parts[-3],
                                 name=file.fname)
         try:
             async for block in data:
@@ -185,10 +197,11 @@ class JobHandlers(BackendHandlers):
             f"{out.zero_bytes} zero bytes, chain {'+'.join(out.backup_ids)})")
 
 
-async def _write_plain(path: Path, data: AsyncIterator[memoryview]) -> None:
+async def _write_plain(where: Path, parts: list[str], data: AsyncIterator[memoryview]) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd, path = open_inside(where, parts, flags=flags, mode=0o640, what="restore")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("wb") as out:
+        with os.fdopen(fd, "wb") as out:
             async for block in data:
                 out.write(block)
     except OSError as err:

@@ -27,20 +27,21 @@ __all__ = ["BaculaSink", "virtual_part"]
 
 import contextlib
 import errno
-import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
 
+from ahvbackup.core.containment import safe_name
 from ahvbackup.core.drivers import BackupWriter, Sink, StoredBackup
 from ahvbackup.core.errors import SinkError
-from ahvbackup.core.fsutil import atomic_write_json
+from ahvbackup.core.fsutil import atomic_write_bytes
+from ahvbackup.core.manifest import Manifest, ManifestError
 from ahvbackup.core.model import VmInfo
 
 from .handlers import FileEmitter, JobMessages
@@ -54,16 +55,9 @@ _io = trio.CapacityLimiter(4)
 
 
 def virtual_part(name: str) -> str:
-    """A VM or cluster name made usable as one component of a virtual path."""
-    out = name.replace("/", "_").replace("\n", "_").strip()
-    return out if out not in {"", ".", ".."} else "_"
-
-
-def _stored(vm: VmInfo, backup_id: str, level: str, created: float, stored: dict[str, int],
-            manifest: Mapping[str, Any]) -> StoredBackup:
-    return StoredBackup(backup_id=backup_id, vm_uuid=vm.uuid, vm_name=vm.name, level=level,
-                        created=created, disks=tuple(stored), bytes_stored=sum(stored.values()),
-                        manifest=manifest)
+    """A VM or cluster name made usable as one component of a virtual path (the file name
+    it restores to, so the same mapping as every other file name made from a remote name)."""
+    return safe_name(name)
 
 
 class _EmitterWriter(BackupWriter):
@@ -79,7 +73,7 @@ class _EmitterWriter(BackupWriter):
         self.level = level
         self.created = time.time()
         self.stored: dict[str, int] = {}
-        self.spool = sink.spool_root / f"{backup_id}-{vm.uuid}"
+        self.spool = sink.spool_root / safe_name(f"{backup_id}-{vm.uuid}")
         try:
             self.spool.mkdir(parents=True, mode=0o700)
         except OSError as err:
@@ -92,7 +86,7 @@ class _EmitterWriter(BackupWriter):
         return self.sink.path_of(cluster, virtual_part(self.vm.name), *leaf)
 
     async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
-        path = self.spool / f"{label}.ahvd"
+        path = self.spool / f"{safe_name(label)}.ahvd"
         total = 0
         try:
             f = await trio.to_thread.run_sync(open, path, "wb", limiter=_io)
@@ -108,8 +102,9 @@ class _EmitterWriter(BackupWriter):
                             f"({err.strerror}); working_dir needs room for the largest disk "
                             "streams written at once") from err
         try:
-            sent = await self.emitter.file(self.vpath("disks", f"{label}.ahvd"), size=total,
-                                           mtime=self.created, chunks=_read_file(path))
+            sent = await self.emitter.file(self.vpath("disks", f"{safe_name(label)}.ahvd"),
+                                           size=total, mtime=self.created,
+                                           chunks=_read_file(path))
         finally:
             path.unlink(missing_ok=True)
         if sent != total:
@@ -117,13 +112,13 @@ class _EmitterWriter(BackupWriter):
         self.stored[label] = total
         return total
 
-    async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup:
-        doc = json.dumps(dict(manifest), indent=2, sort_keys=True).encode() + b"\n"
+    async def commit(self, manifest: Manifest) -> StoredBackup:
+        doc = manifest.to_bytes()
         await self.emitter.file(self.vpath("vm.json"), size=len(doc), mtime=self.created,
                                 chunks=_once(doc))
         await self.abort()
         self.sink.record_sent(self.vm, manifest)
-        return _stored(self.vm, self.backup_id, self.level, self.created, self.stored, manifest)
+        return StoredBackup.of(manifest)
 
     async def abort(self) -> None:
         """Disks already sent stay in the Bacula job (they cannot be taken back); without
@@ -162,9 +157,9 @@ class _PipeWriter(BackupWriter):
         self.stored[label] = total
         return total
 
-    async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup:
+    async def commit(self, manifest: Manifest) -> StoredBackup:
         self.sink.record_sent(self.vm, manifest)
-        return _stored(self.vm, self.backup_id, self.level, self.created, self.stored, manifest)
+        return StoredBackup.of(manifest)
 
     async def abort(self) -> None:
         """Nothing to take back: the stream is cut short and its trailer is missing, which
@@ -197,6 +192,7 @@ class BaculaSink(Sink):
     name = "bacula"
     summary = "Bacula: metaplugin virtual files or one bpipe stream (inside a Bacula job)"
     keeps_chains = True
+    works_only_inside = "a Bacula job"
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -236,16 +232,17 @@ class BaculaSink(Sink):
         """Remove this process's spool folder."""
         shutil.rmtree(self.spool_root, ignore_errors=True)
 
-    def record_sent(self, vm: VmInfo, manifest: Mapping[str, Any]) -> None:
+    def record_sent(self, vm: VmInfo, manifest: Manifest) -> None:
         """Remember a backup handed to Bacula (what the next incremental builds on)."""
-        folder = self.sent_root / vm.uuid
+        folder = self.sent_root / safe_name(vm.uuid)
         try:
             folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-            atomic_write_json(folder / f"{manifest['backup_id']}.json", dict(manifest))
+            atomic_write_bytes(folder / f"{safe_name(manifest.backup_id)}.json",
+                               manifest.to_bytes())
             for old in sorted(folder.glob("*.json"))[:-SENT_KEPT]:
                 old.unlink(missing_ok=True)
         except OSError as err:
-            raise SinkError(f"state_dir: cannot record backup {manifest['backup_id']} of "
+            raise SinkError(f"state_dir: cannot record backup {manifest.backup_id} of "
                             f"{vm.name} in {folder} ({err.strerror}); the next backup of this "
                             "VM will be a full") from err
 
@@ -255,15 +252,8 @@ class BaculaSink(Sink):
         found = []
         for path in self.sent_root.glob("*/*.json"):
             try:
-                doc = json.loads(path.read_text())
-                info = doc["vm"]
-                item = StoredBackup(
-                    backup_id=doc["backup_id"], vm_uuid=info["uuid"], vm_name=info["name"],
-                    level=doc["level"], created=float(doc["created"]),
-                    disks=tuple(d["label"] for d in doc["disks"] if d.get("stream")),
-                    bytes_stored=sum(int(d.get("bytes_stored", 0)) for d in doc["disks"]),
-                    manifest=doc)
-            except (OSError, ValueError, KeyError, TypeError) as err:
+                item = StoredBackup.of(Manifest.from_bytes(path.read_bytes(), name=str(path)))
+            except (OSError, ManifestError) as err:
                 log.warning("bacula sink: %s is unreadable (%s); skipped", path, err)
                 with contextlib.suppress(OSError):
                     path.unlink()

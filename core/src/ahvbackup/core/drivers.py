@@ -31,13 +31,17 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, ClassVar
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import marshmallow
 
 from .errors import DataPathError
 from .ledger import Record, ReleaseStack
+from .manifest import Manifest
 from .model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
+
+if TYPE_CHECKING:  # config imports the plugin loader, which imports this module
+    from .config import Config
 
 
 class Driver(abc.ABC):
@@ -50,7 +54,8 @@ class Driver(abc.ABC):
     #: one line for `ahvbackup plugins`
     summary: ClassVar[str] = ""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Config) -> None:
+        #: the job's configuration; a driver's own keys: ``config.settings(MyKeys)``
         self.config = config
 
 
@@ -167,7 +172,7 @@ class DataPath(Driver):
     def read_size(self) -> int:
         """Bytes per read. By default the configured chunk (`chunk_size_mib`, which the
         whitepaper defines for iSCSI); a path with a high per-request cost may read more."""
-        return int(self.config.chunk_size_mib) << 20
+        return self.config.chunk_size_mib << 20
 
     @abc.abstractmethod
     async def open(
@@ -181,7 +186,7 @@ class DataPath(Driver):
 
 @dataclass(frozen=True)
 class StoredBackup:
-    """One complete backup of one VM as a sink lists it."""
+    """One complete backup of one VM as a sink lists it (`of` its manifest, the one way)."""
 
     backup_id: str
     vm_uuid: str
@@ -190,7 +195,33 @@ class StoredBackup:
     created: float
     disks: tuple[str, ...]  # disk labels with a stream
     bytes_stored: int
-    manifest: Mapping[str, Any] = field(repr=False, compare=False, default_factory=dict)
+    manifest: Manifest = field(repr=False, compare=False)
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> StoredBackup:
+        return cls(backup_id=manifest.backup_id, vm_uuid=manifest.vm.uuid,
+                   vm_name=manifest.vm.name, level=manifest.level, created=manifest.created,
+                   disks=tuple(d.label for d in manifest.streams),
+                   bytes_stored=manifest.bytes_stored, manifest=manifest)
+
+
+@dataclass(frozen=True)
+class DamagedBackup:
+    """An entry of a repository that is not a complete backup, and why."""
+
+    vm: str  # the VM's folder (or name) it was found under
+    backup_id: str
+    where: str  # the path (or catalog entry) that is damaged
+    reason: str
+    unreadable: bool = False  # it could not be read at all (permissions, I/O), not just wrong
+
+
+@dataclass
+class Inventory:
+    """Everything a sink holds: complete backups and damaged entries."""
+
+    backups: list[StoredBackup] = field(default_factory=list)
+    damaged: list[DamagedBackup] = field(default_factory=list)
 
 
 class BackupWriter(abc.ABC):
@@ -206,7 +237,7 @@ class BackupWriter(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup: ...
+    async def commit(self, manifest: Manifest) -> StoredBackup: ...
 
     @abc.abstractmethod
     async def abort(self) -> None: ...
@@ -219,6 +250,10 @@ class Sink(Driver):
     #: lists earlier backups and opens their streams, so deltas can be chained onto them
     #: (incremental and differential levels are refused for a sink without it)
     keeps_chains: ClassVar[bool] = False
+    #: where a sink that cannot work on its own does work ("a Bacula job": its host program
+    #: attaches the channel); empty for a sink that works anywhere. A command that cannot be
+    #: that host refuses it before contacting the cluster.
+    works_only_inside: ClassVar[str] = ""
 
     @abc.abstractmethod
     async def begin(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter: ...
@@ -226,6 +261,11 @@ class Sink(Driver):
     @abc.abstractmethod
     async def backups(self, vm: str | None = None) -> list[StoredBackup]:
         """Complete backups, oldest first; `vm` filters by VM name or UUID."""
+
+    async def damaged(self, vm: str | None = None) -> list[DamagedBackup]:
+        """Entries that are not complete backups, with the reason (list and verify show
+        them). A sink that keeps no entries of its own (Bacula's catalog does) has none."""
+        return []
 
     @abc.abstractmethod
     def open_stream(self, backup: StoredBackup, label: str) -> BinaryIO:

@@ -17,6 +17,7 @@ __all__ = [
     "DataPathError",
     "ExitCode",
     "HypervisorError",
+    "Interrupted",
     "JobError",
     "PluginError",
     "SinkError",
@@ -37,13 +38,22 @@ class ExitCode(enum.IntEnum):
     CONFIG = 2  # bad configuration, plugin string or command line; nothing was done
     UNAVAILABLE = 3  # Prism, a peer or a repository could not be reached
     CORRUPT = 4  # a stream or backup failed verification
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): the job was cancelled and cleaned up
+    TERMINATED = 143  # SIGTERM: the same
 
 
 class AhvBackupError(Exception):
     """Root of every error ahvbackup raises on purpose."""
 
     exit_code: ExitCode = ExitCode.FAILED
+
+
+class Interrupted(AhvBackupError):
+    """The job was stopped by a signal, after releasing what it had created."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = ExitCode.TERMINATED if signum == 15 else ExitCode.INTERRUPTED
 
 
 class ConfigError(AhvBackupError):

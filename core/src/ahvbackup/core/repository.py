@@ -17,29 +17,32 @@ Removing a backup renames it to ``.removing-...`` first, so it stops being liste
 
 from __future__ import annotations
 
-__all__ = ["DirectorySink", "new_backup_id"]
+__all__ = ["DirectorySink", "new_backup_id", "stream_name"]
 
-import json
 import logging
 import os
 import shutil
+import stat
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import trio
 
-from .drivers import BackupWriter, Sink, StoredBackup
+from .containment import safe_name
+from .drivers import BackupWriter, DamagedBackup, Inventory, Sink, StoredBackup
 from .errors import SinkError
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_bytes, fsync_dir
+from .manifest import Manifest, ManifestError
 from .model import VmInfo
 
 log = logging.getLogger("ahvbackup.repository")
 
 MANIFEST = "manifest.json"
 STREAM_SUFFIX = ".ahvd"
+MAX_MANIFEST = 64 << 20  # a VM with thousands of disks stays far below this
 _io_limiter = trio.CapacityLimiter(4)
 
 
@@ -57,13 +60,14 @@ class _DirectoryBackupWriter(BackupWriter):
         self.vm = vm
         self.backup_id = backup_id
         self.level = level
-        self.final = sink.root / vm.uuid / backup_id
-        self.partial = sink.root / vm.uuid / f".partial-{backup_id}-{os.getpid()}"
+        folder = sink.root / safe_name(vm.uuid)
+        self.final = folder / safe_name(backup_id)
+        self.partial = folder / f".partial-{safe_name(backup_id)}-{os.getpid()}"
         self.partial.mkdir(parents=True, mode=0o700)
         self.stored: dict[str, int] = {}
 
     async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
-        path = self.partial / f"{label}{STREAM_SUFFIX}"
+        path = self.partial / stream_name(label)
         total = 0
         f = await trio.to_thread.run_sync(open, path, "wb", limiter=_io_limiter)
         try:
@@ -76,9 +80,8 @@ class _DirectoryBackupWriter(BackupWriter):
         self.stored[label] = total
         return total
 
-    async def commit(self, manifest: Mapping[str, Any]) -> StoredBackup:
-        doc = dict(manifest)
-        atomic_write_json(self.partial / MANIFEST, doc)
+    async def commit(self, manifest: Manifest) -> StoredBackup:
+        atomic_write_bytes(self.partial / MANIFEST, manifest.to_bytes())
         fsync_dir(self.partial)
         if self.replace and self.final.exists():
             old = self.final.with_name(f".replaced-{self.backup_id}-{os.getpid()}")
@@ -90,14 +93,14 @@ class _DirectoryBackupWriter(BackupWriter):
             os.rename(self.partial, self.final)
         fsync_dir(self.final.parent)
         log.debug("repository: backup %s of %s committed", self.backup_id, self.vm.name)
-        return _stored(self.final, doc)
+        return StoredBackup.of(manifest)
 
     async def abort(self) -> None:
         await trio.to_thread.run_sync(shutil.rmtree, self.partial, True)
 
     def open_written(self, label: str) -> BinaryIO:
         """Read back a stream written in this (uncommitted) backup, e.g. to verify it."""
-        return open(self.partial / f"{label}{STREAM_SUFFIX}", "rb")  # noqa: SIM115
+        return open(self.partial / stream_name(label), "rb")
 
 
 def _flush_sync(f: BinaryIO) -> None:
@@ -105,17 +108,9 @@ def _flush_sync(f: BinaryIO) -> None:
     os.fsync(f.fileno())
 
 
-def _stored(path: Path, doc: Mapping[str, Any]) -> StoredBackup:
-    return StoredBackup(
-        backup_id=doc["backup_id"],
-        vm_uuid=doc["vm"]["uuid"],
-        vm_name=doc["vm"]["name"],
-        level=doc["level"],
-        created=float(doc["created"]),
-        disks=tuple(d["label"] for d in doc["disks"] if d.get("stream")),
-        bytes_stored=sum(int(d.get("bytes_stored", 0)) for d in doc["disks"]),
-        manifest=doc,
-    )
+def stream_name(label: str) -> str:
+    """The file of a disk's stream in its backup folder."""
+    return f"{safe_name(label)}{STREAM_SUFFIX}"
 
 
 class DirectorySink(Sink):
@@ -182,29 +177,108 @@ class DirectorySink(Sink):
         return removed
 
     async def backups(self, vm: str | None = None) -> list[StoredBackup]:
-        found = []
-        for manifest in self.root.glob(f"*/*/{MANIFEST}"):
-            if manifest.parent.name.startswith("."):
-                continue
+        return (await trio.to_thread.run_sync(self._scan, vm)).backups
+
+    async def damaged(self, vm: str | None = None) -> list[DamagedBackup]:
+        return (await trio.to_thread.run_sync(self._scan, vm)).damaged
+
+    def _scan(self, vm: str | None) -> Inventory:
+        """Every backup folder: complete (its manifest reads and fits its place) or damaged."""
+        out = Inventory()
+        try:
+            vm_dirs = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
+        except OSError as err:
+            raise SinkError(f"repository {self.root}: cannot list it ({err.strerror})") from err
+        by_id: dict[str, list[StoredBackup]] = {}
+        for vm_dir in vm_dirs:
             try:
-                doc = json.loads(manifest.read_text())
-                item = _stored(manifest.parent, doc)
-            except (OSError, ValueError, KeyError, TypeError) as err:
-                log.warning("repository: %s is unreadable (%s); skipped", manifest, err)
+                folders = sorted(p for p in vm_dir.iterdir() if not p.name.startswith("."))
+            except NotADirectoryError:
+                out.damaged.append(DamagedBackup(vm_dir.name, "", str(vm_dir),
+                                                 "a file where a VM folder belongs"))
                 continue
-            if vm is None or vm in (item.vm_uuid, item.vm_name):
-                found.append(item)
-        return sorted(found, key=lambda b: (b.created, b.backup_id))
+            except OSError as err:
+                out.damaged.append(DamagedBackup(vm_dir.name, "", str(vm_dir),
+                                                 f"cannot list it ({err.strerror})",
+                                                 unreadable=True))
+                continue
+            for folder in folders:
+                item = self._read(folder, out)
+                if item is not None:
+                    by_id.setdefault(item.backup_id, []).append(item)
+        for backup_id, items in by_id.items():
+            if len(items) > 1:  # a manifest copied over another's: neither can be trusted
+                places = ", ".join(str(self.path_of(b)) for b in items)
+                for b in items:
+                    out.damaged.append(DamagedBackup(b.vm_name, backup_id, str(self.path_of(b)),
+                                                     f"backup id {backup_id} is in {places}"))
+                continue
+            out.backups.extend(items)
+        if vm is not None:
+            out.backups = [b for b in out.backups if vm in (b.vm_uuid, b.vm_name)]
+            folders = {safe_name(vm), *(safe_name(b.vm_uuid) for b in out.backups)}
+            out.damaged = [d for d in out.damaged if d.vm in folders]
+        out.backups.sort(key=lambda b: (b.created, b.backup_id))
+        return out
+
+    def _read(self, folder: Path, out: Inventory) -> StoredBackup | None:
+        path = folder / MANIFEST
+        vm = folder.parent.name
+
+        def damaged(reason: str, *, unreadable: bool = False) -> None:
+            log.warning("repository: %s: %s", path, reason)
+            out.damaged.append(DamagedBackup(vm, folder.name, str(path), reason,
+                                             unreadable=unreadable))
+
+        try:
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):
+                damaged("not a regular file", unreadable=True)
+                return None
+            if info.st_size > MAX_MANIFEST:
+                damaged(f"{info.st_size} bytes, more than a manifest can be")
+                return None
+            data = path.read_bytes()
+        except FileNotFoundError:
+            damaged("no manifest.json (an incomplete or foreign folder)")
+            return None
+        except OSError as err:
+            damaged(f"cannot read it ({err.strerror})", unreadable=True)
+            return None
+        try:
+            manifest = Manifest.from_bytes(data, name=str(path))
+        except ManifestError as err:
+            damaged(str(err).removeprefix(f"{path}: "))
+            return None
+        wrong = [f"{what} {have!r} (the folder is {want!r})" for what, have, want in (
+            ("backup_id", safe_name(manifest.backup_id), folder.name),
+            ("vm.uuid", safe_name(manifest.vm.uuid), vm)) if have != want]
+        if wrong:
+            damaged("the manifest belongs elsewhere: " + "; ".join(wrong))
+            return None
+        # every stream in the folder is in the manifest and the other way round: a disk
+        # dropped from the manifest would otherwise restore as "ok" without it
+        named = {stream_name(d.label) for d in manifest.streams}
+        try:
+            present = {p.name for p in folder.iterdir() if p.name.endswith(STREAM_SUFFIX)}
+        except OSError as err:
+            damaged(f"cannot list the folder ({err.strerror})", unreadable=True)
+            return None
+        if named != present:
+            extra, missing = sorted(present - named), sorted(named - present)
+            damaged("streams and manifest disagree: "
+                    + "; ".join([*(f"{n} is not in the manifest" for n in extra),
+                                 *(f"{n} is missing" for n in missing)]))
+            return None
+        return StoredBackup.of(manifest)
 
     def path_of(self, backup: StoredBackup) -> Path:
-        return self.root / backup.vm_uuid / backup.backup_id
+        return self.root / safe_name(backup.vm_uuid) / safe_name(backup.backup_id)
 
     def open_stream(self, backup: StoredBackup, label: str) -> BinaryIO:
-        path = self.path_of(backup) / f"{label}{STREAM_SUFFIX}"
+        path = self.path_of(backup) / stream_name(label)
         try:
-            return open(path, "rb")  # noqa: SIM115 - the caller owns it
+            return open(path, "rb")  # the caller owns it
         except FileNotFoundError:
-            raise SinkError(
-                f"backup {backup.backup_id} of {backup.vm_name}: stream for disk {label} is missing "
-                f"({path})"
-            ) from None
+            raise SinkError(f"backup {backup.backup_id} of {backup.vm_name}: stream for disk "
+                            f"{label} is missing ({path})") from None

@@ -1,12 +1,15 @@
 """The `raw` target: each disk becomes a sparse raw image file, `<dest>/<vm>/<disk label>.raw`.
 
+The VM and disk names go through `safe_name` and the file is opened with `open_inside`, so a
+restore never writes outside `dest`, whatever the VM is called or what is planted there.
+
 Zero ranges are holes (punched where the file already had data), so a 100 GiB disk with 1 GiB
 of data costs 1 GiB on the restore host.
 """
 
 from __future__ import annotations
 
-__all__ = ["RawDiskWriter", "RawTarget", "punch_hole"]
+__all__ = ["RawDiskWriter", "RawTarget", "image_parts", "punch_hole"]
 
 import ctypes
 import ctypes.util
@@ -14,6 +17,7 @@ import errno
 import os
 from pathlib import Path
 
+from ahvbackup.core.containment import open_inside, safe_name
 from ahvbackup.core.drivers import DiskWriter, RestoreTarget
 from ahvbackup.core.errors import TargetError
 from ahvbackup.core.model import DiskInfo
@@ -43,16 +47,24 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
+def image_parts(vm_name: str, label: str) -> tuple[str, str]:
+    """The image's path below the destination: (VM folder, file name)."""
+    return safe_name(vm_name), f"{safe_name(label)}.raw"
+
+
 class RawDiskWriter(DiskWriter):
-    def __init__(self, path: Path, size: int) -> None:
-        self.path = path
+    """Writes one image; `size=None` opens an existing image as it is (a chain's next link)."""
+
+    def __init__(self, dest: Path, parts: tuple[str, str], size: int | None) -> None:
+        flags = os.O_WRONLY if size is None else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        self.fd, self.path = open_inside(dest, parts, flags=flags, what="raw target")
         self.size = size
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(self.fd, size)
+            if size is not None:
+                os.ftruncate(self.fd, size)
         except OSError as err:
-            raise TargetError(f"raw target: cannot create {path} ({err.strerror})") from err
+            os.close(self.fd)
+            raise TargetError(f"raw target: cannot create {self.path} ({err.strerror})") from err
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
@@ -77,4 +89,4 @@ class RawTarget(RestoreTarget):
     summary = "sparse raw image files"
 
     def open_disk(self, *, vm_name: str, disk: DiskInfo, size: int, dest: Path) -> RawDiskWriter:
-        return RawDiskWriter(dest / vm_name / f"{disk.label}.raw", size)
+        return RawDiskWriter(dest, image_parts(vm_name, disk.label), size)

@@ -9,12 +9,17 @@ from typing import Any
 
 import click
 
-from ..errors import JobError, StreamFormatError
+from ..config import view_of_job
+from ..drivers import DamagedBackup
+from ..errors import ConfigError, JobError, StreamFormatError
 from ..jobs.restore import RestoreJob, RestoreOutcome, VerifyJob, parse_time, pick_backup
 from ..jobs.runtime import Runtime
 from . import Context, emit, pass_context
-from .options import config_options, load_job_config, run_trio
+from .options import config_options, load_job_config, refuse_hosted_sink, run_trio
 from .progress import Meter
+
+#: `restore` runs the restore job's modes (restore); another mode= is an error naming both
+RESTORE_VIEW = view_of_job("ahvbackup restore", "restore")
 
 
 def _human(res: dict[str, Any]) -> str:
@@ -64,7 +69,8 @@ def restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     Any point of a chain (full + incrementals, or full + differential) restores as it was."""
     when = parse_time(at) if at else None
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
-                          hooks=ctx.hooks, verbose=ctx.verbose)
+                          hooks=ctx.hooks, verbose=ctx.verbose, view=RESTORE_VIEW)
+    refuse_hosted_sink(cfg)
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
     folder = dest or (Path(cfg.where) if cfg.where else Path("restore"))
     meter = Meter("restore", enabled=None if not ctx.json else False)
@@ -91,15 +97,51 @@ def verify(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     """Check every stream of a backup end to end without restoring it (exit 4 if damaged).
 
     For a delta, every link of its chain is read completely and checked against the next."""
+    if not (vm or backup_id or every):
+        raise ConfigError("verify: name a VM (--vm NAME), a backup (--backup ID), or give "
+                          "--all to verify every backup")
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose)
+    refuse_hosted_sink(cfg)
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
 
-    async def main() -> list[RestoreOutcome]:
-        if every:
-            backups = await rt.sink.backups(vm)
-        else:
-            backups = [await pick_backup(rt, vm=vm, backup_id=backup_id)]
-        return [await VerifyJob(rt, b).run() for b in backups]
+    if not every:
+        async def one() -> list[RestoreOutcome]:
+            return [await VerifyJob(rt, await pick_backup(rt, vm=vm, backup_id=backup_id))
+                    .run()]
 
-    _finish(ctx, run_trio(main))
+        _finish(ctx, run_trio(one))
+        return
+
+    async def everything() -> tuple[list[RestoreOutcome], list[DamagedBackup]]:
+        backups = await rt.sink.backups(vm)
+        return [await VerifyJob(rt, b).run() for b in backups], await rt.sink.damaged(vm)
+
+    outcomes, damaged = run_trio(everything)
+    _finish_all(ctx, outcomes, damaged)
+
+
+def _finish_all(ctx: Context, outcomes: list[RestoreOutcome],
+                damaged: list[DamagedBackup]) -> None:
+    """`verify --all`: every backup and every damaged entry is counted; exit 4 unless all
+    of them verified."""
+    failed = [o for o in outcomes if not o.ok]
+    unreadable = [d for d in damaged if d.unreadable]
+    counts = {"verified": len(outcomes) - len(failed),
+              "damaged": len(failed) + len(damaged) - len(unreadable),
+              "unreadable": len(unreadable)}
+    doc = {"backups": [o.to_json() for o in outcomes],
+           "damaged_entries": [d.__dict__ for d in damaged], **counts}
+
+    def human(d: dict[str, Any]) -> str:
+        lines = [_human(x) for x in d["backups"]]
+        lines += [f"{'unreadable' if x['unreadable'] else 'damaged'}: {x['where']}: {x['reason']}"
+                  for x in d["damaged_entries"]]
+        lines.append(f"{d['verified']} verified, {d['damaged']} damaged, "
+                     f"{d['unreadable']} unreadable")
+        return "\n".join(lines)
+
+    emit(ctx, doc, human)
+    if counts["damaged"] or counts["unreadable"]:
+        raise StreamFormatError(f"verify: {counts['damaged']} damaged, {counts['unreadable']} "
+                                f"unreadable of {len(outcomes) + len(damaged)} backup(s)")

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import trio
@@ -29,11 +29,12 @@ from .. import log as msgs
 from ..drivers import BackupWriter, DataPath, HypervisorSession, StoredBackup
 from ..errors import AhvBackupError, ApiError, ConfigError, HypervisorError, SinkError, our_errors
 from ..ledger import ReleaseStack
+from ..manifest import DiskEntry, Manifest, RemovedDisk, VmIdentity
 from ..model import DiskSnapshot, Region, VmInfo, VmSnapshot
 from ..plugins import load_driver
-from ..repository import new_backup_id
+from ..repository import new_backup_id, stream_name
 from ..state import DiskState, VmState
-from ..stream import MAX_DATA_LENGTH, StreamHeader, StreamReader
+from ..stream import MAX_DATA_LENGTH, StreamHeader, StreamReader, Trailer
 from .chain import ChainImage, resolve_chain
 from .encode import encode_disk
 from .readahead import Chunk, read_chunks
@@ -223,7 +224,7 @@ class BackupJob:
                     vr.warnings += dr.warnings
                 removed = self._removed_disks(vm, old_state)
                 for r in removed:
-                    warning = (f"VM {vm.name}: disk {r['label']} ({r['uuid']}) was removed since "
+                    warning = (f"VM {vm.name}: disk {r.label} ({r.uuid}) was removed since "
                                "the last backup; recorded in the manifest")
                     log.warning("%s", warning)
                     vr.warnings.append(warning)
@@ -301,12 +302,12 @@ class BackupJob:
             if kept is not None:
                 stack.keep(kept)
 
-    def _removed_disks(self, vm: VmInfo, old: VmState | None) -> list[dict[str, Any]]:
+    def _removed_disks(self, vm: VmInfo, old: VmState | None) -> list[RemovedDisk]:
         if old is None or self.disks:
             return []
         now = {d.uuid for d in vm.disks}
-        return [{"uuid": d.disk_uuid, "label": d.label, "size": d.size,
-                 "last_backup": d.backup_id}
+        return [RemovedDisk(uuid=d.disk_uuid, label=d.label, size=d.size,
+                            last_backup=d.backup_id)
                 for d in old.disks.values() if d.disk_uuid not in now]
 
     def _wanted_disks(self, vm: VmInfo, snap: VmSnapshot) -> list[DiskSnapshot]:
@@ -491,6 +492,9 @@ class BackupJob:
         )
         dr.stream_id = header.stream_id
 
+        def on_end(trailer: Trailer) -> None:
+            dr.digest = trailer.digest_hex  # the manifest binds the stream by it
+
         def on_chunk(chunk: Chunk) -> None:
             if chunk.data is None:
                 dr.zero_bytes += chunk.length
@@ -506,59 +510,48 @@ class BackupJob:
                     out=chunks_send, spare=2,
                 )
             )
-            nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk)
+            nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk, on_end)
             stored = await writer.write_disk(dr.label, _iterate(bytes_recv))
         return stored
 
-    async def _stream_id(self, backup: StoredBackup, entry: Mapping[str, Any]) -> str:
+    async def _stream_id(self, backup: StoredBackup, entry: DiskEntry) -> str:
         """The reference stream's id: from its manifest, else from the stream's header."""
-        if entry.get("stream_id"):
-            return str(entry["stream_id"])
+        if entry.stream_id:
+            return entry.stream_id
 
         def read_header() -> str:
-            with self.rt.sink.open_stream(backup, str(entry["label"])) as f:
+            with self.rt.sink.open_stream(backup, entry.label) as f:
                 return StreamReader(f).header.stream_id
 
         return await trio.to_thread.run_sync(read_header)
 
     def _manifest(
         self, vm: VmInfo, snap: VmSnapshot, vr: VmResult, *, backup_id: str, created: float,
-        removed: list[dict[str, Any]],
-    ) -> dict[str, Any]:
+        removed: list[RemovedDisk],
+    ) -> Manifest:
         by_label = {d.label: d for d in vr.disks}
-        return {
-            "format": 1,
-            "producer": f"ahvbackup {__version__}",
-            "backup_id": backup_id,
-            "job_id": self.rt.job_id,
-            "level": self.cfg.level,
-            "created": created,
-            "completed": time.time(),
-            "vm": {
-                "uuid": vm.uuid, "name": vm.name,
-                "cluster_uuid": vm.cluster_uuid, "cluster_name": vm.cluster_name,
-            },
-            "snapshot": {"id": snap.id, "consistency": snap.consistency},
-            "config": dict(vm.config),
-            "disks": [
-                {
-                    "label": d.disk.label, "uuid": d.disk.uuid, "bus": d.disk.bus,
-                    "index": d.disk.index, "size": d.size, "container": d.disk.container,
-                    "stream": f"{d.disk.label}.ahvd",
-                    "stream_id": by_label[d.disk.label].stream_id,
-                    "kind": by_label[d.disk.label].kind,
-                    "bytes_read": by_label[d.disk.label].bytes_read,
-                    "zero_bytes": by_label[d.disk.label].zero_bytes,
-                    "bytes_stored": by_label[d.disk.label].bytes_stored,
-                    "reference_backup": by_label[d.disk.label].reference_backup,
-                    "reference_snapshot": by_label[d.disk.label].reference_snapshot,
-                    "warnings": by_label[d.disk.label].warnings,
-                }
-                for d in snap.disks
-                if d.disk.label in by_label
-            ],
-            "removed_disks": removed,
-        }
+        disks = tuple(
+            DiskEntry(
+                label=d.disk.label, uuid=d.disk.uuid, bus=d.disk.bus, index=d.disk.index,
+                size=d.size, container=d.disk.container, stream=stream_name(d.disk.label),
+                stream_id=r.stream_id, digest=r.digest, kind=r.kind, bytes_read=r.bytes_read,
+                zero_bytes=r.zero_bytes, bytes_stored=r.bytes_stored,
+                reference_backup=r.reference_backup or "",
+                reference_snapshot=r.reference_snapshot or "", warnings=tuple(r.warnings),
+            )
+            for d in snap.disks
+            if (r := by_label.get(d.disk.label)) is not None
+        )
+        # an incremental whose every disk had to be read in full is a full (and listed so)
+        level = self.cfg.level if any(d.kind != "full" for d in disks) else "full"
+        return Manifest(
+            producer=f"ahvbackup {__version__}", backup_id=backup_id, job_id=self.rt.job_id,
+            level=level, created=created, completed=time.time(),
+            vm=VmIdentity(uuid=vm.uuid, name=vm.name, cluster_uuid=vm.cluster_uuid,
+                          cluster_name=vm.cluster_name),
+            snapshot_id=snap.id, consistency=snap.consistency, config=dict(vm.config),
+            disks=disks, removed_disks=tuple(removed),
+        )
 
 
 async def _prepend(first: Region | None, rest: AsyncIterator[Region]) -> AsyncIterator[Region]:

@@ -10,18 +10,19 @@ is read at most once (checked against its checksum as it is read).
 
 from __future__ import annotations
 
-__all__ = ["ChainImage", "Link", "disk_entry", "resolve_chain"]
+__all__ = ["ChainImage", "Link", "bind_stream", "resolve_chain"]
 
 import bisect
 import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 from ..drivers import DiskWriter, Sink, StoredBackup
 from ..errors import SinkError, StreamFormatError
-from ..stream import DATA, IndexEntry, StreamIndex, index_stream
+from ..manifest import DiskEntry
+from ..stream import DATA, IndexEntry, StreamHeader, StreamIndex, Trailer, index_stream
 
 Progress = Callable[[int], None]
 
@@ -31,29 +32,43 @@ class Link:
     """One stream of a chain: a backup and its manifest entry for the disk."""
 
     backup: StoredBackup
-    entry: Mapping[str, Any]
+    entry: DiskEntry
 
     @property
     def label(self) -> str:
-        return str(self.entry["label"])
+        return self.entry.label
 
     @property
     def name(self) -> str:
         return f"backup {self.backup.backup_id} ({self.backup.vm_name}/{self.label})"
 
 
-def disk_entry(backup: StoredBackup, *, uuid: str = "", label: str = "") -> dict[str, Any] | None:
-    """The manifest entry of a disk with a stream in `backup`, by UUID (else by label)."""
-    for d in backup.manifest.get("disks", ()):
-        if not d.get("stream"):
-            continue
-        if (uuid and d.get("uuid") == uuid) or (not uuid and d["label"] == label):
-            return dict(d)
-    return None
+def bind_stream(link: Link, header: StreamHeader, trailer: Trailer | None = None) -> None:
+    """The stream must be the one its manifest entry names: every field that decides which
+    bytes a restore writes is compared, and a disagreement fails verification naming it."""
+    m, e, h = link.backup.manifest, link.entry, header
+    wanted = [
+        ("vm uuid", m.vm.uuid, h.vm_uuid),
+        ("backup_id", m.backup_id, h.backup_id),
+        ("disk uuid", e.uuid, h.disk_uuid),
+        ("disk size", e.size, h.disk_size),
+        ("kind", e.kind, h.kind),
+        ("reference_backup", e.reference_backup, h.reference_backup_id),
+    ]
+    if h.disk_label:
+        wanted.append(("label", e.label, h.disk_label))
+    if e.stream_id:  # format 1 manifests of the first releases may lack it
+        wanted.append(("stream_id", e.stream_id, h.stream_id))
+    if e.digest and trailer is not None:
+        wanted.append(("digest", e.digest, trailer.digest_hex))
+    wrong = [f"{what}: manifest says {want!r}, stream says {got!r}"
+             for what, want, got in wanted if want != got]
+    if wrong:
+        raise StreamFormatError(f"{link.name}: manifest and stream disagree: " + "; ".join(wrong))
 
 
 def resolve_chain(
-    backups: Mapping[str, StoredBackup], backup: StoredBackup, entry: Mapping[str, Any]
+    backups: Mapping[str, StoredBackup], backup: StoredBackup, entry: DiskEntry
 ) -> list[Link]:
     """The links that rebuild `entry`'s disk at `backup`, oldest (the full) first.
 
@@ -62,9 +77,15 @@ def resolve_chain(
     seen = {backup.backup_id}
     while True:
         top = links[-1]
-        ref_id = top.entry.get("reference_backup")
+        ref_id = top.entry.reference_backup
         if not ref_id:
+            if top.entry.kind != "full":
+                raise StreamFormatError(f"{top.name}: manifest says kind {top.entry.kind} but "
+                                        "names no reference_backup")
             break
+        if top.entry.kind == "full":
+            raise StreamFormatError(f"{top.name}: manifest says kind full but names "
+                                    f"reference_backup {ref_id}")
         if ref_id in seen:
             raise StreamFormatError(f"{top.name}: its chain loops back to backup {ref_id}")
         seen.add(ref_id)
@@ -74,11 +95,11 @@ def resolve_chain(
                 f"{top.name}: chain link missing: its reference backup {ref_id} is not in the "
                 "repository; this point cannot be restored"
             )
-        ref_entry = disk_entry(ref, uuid=str(top.entry["uuid"]))
+        ref_entry = ref.manifest.disk(uuid=top.entry.uuid)
         if ref_entry is None:
             raise SinkError(
                 f"{top.name}: chain link missing: reference backup {ref_id} has no stream of "
-                f"disk {top.label} ({top.entry['uuid']})"
+                f"disk {top.label} ({top.entry.uuid})"
             )
         links.append(Link(ref, ref_entry))
     links.reverse()
@@ -173,12 +194,9 @@ class ChainImage:
 
     def _check_links(self) -> None:
         for i, (link, index) in enumerate(zip(self.links, self.indexes, strict=True)):
+            bind_stream(link, index.header, index.trailer)
             h = index.header
             problems = []
-            if h.backup_id != link.backup.backup_id:
-                problems.append(f"backup_id {h.backup_id!r}")
-            if h.vm_uuid != link.backup.vm_uuid or h.disk_uuid != link.entry["uuid"]:
-                problems.append(f"disk {h.vm_uuid}/{h.disk_uuid}")
             if i == 0 and h.kind != "full":
                 problems.append(f"kind {h.kind} at the base of the chain (a full is needed)")
             if i > 0:

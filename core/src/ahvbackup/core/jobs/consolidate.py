@@ -15,13 +15,14 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
 from ..drivers import StoredBackup
 from ..errors import ConfigError, StreamFormatError
+from ..manifest import DiskEntry
 from ..model import VmInfo
 from ..stream import Encoder, StreamHeader, StreamReader
 from .chain import ChainImage, Link, resolve_chain
@@ -61,8 +62,8 @@ class ConsolidateJob:
         rt, backup = self.rt, self.backup
         out = ConsolidateOutcome(backup_id=backup.backup_id, vm_name=backup.vm_name)
         by_id = {b.backup_id: b for b in await rt.sink.backups(backup.vm_uuid)}
-        entries = [d for d in backup.manifest["disks"] if d.get("stream")]
-        chains = {d["label"]: resolve_chain(by_id, backup, d) for d in entries}
+        entries = backup.manifest.streams
+        chains = {d.label: resolve_chain(by_id, backup, d) for d in entries}
         if all(len(c) == 1 for c in chains.values()):
             out.ok = True
             out.note = "already a full: nothing to consolidate"
@@ -72,25 +73,23 @@ class ConsolidateJob:
         writer = await rt.sink.begin_replace(  # type: ignore[attr-defined]
             vm, backup_id=backup.backup_id, level="full"
         )
-        manifest = dict(backup.manifest)
-        new_disks = []
+        rewritten: dict[str, DiskEntry] = {}
         try:
             for entry in entries:
-                links = chains[entry["label"]]
-                stored = await self._write_synthetic(writer, links)
+                links = chains[entry.label]
+                stored, digest = await self._write_synthetic(writer, links)
                 await trio.to_thread.run_sync(self._compare, writer, links)
-                new_disks.append({
-                    **entry, "kind": "full", "reference_backup": None, "reference_snapshot": None,
-                    "bytes_stored": stored,
-                    "consolidated_from": [link.backup.backup_id for link in links],
-                })
-                out.disks.append({"label": entry["label"], "links": len(links),
+                rewritten[entry.uuid] = replace(
+                    entry, kind="full", reference_backup="", reference_snapshot="",
+                    bytes_stored=stored, digest=digest,
+                    warnings=(*entry.warnings, "consolidated from "
+                              + " + ".join(link.backup.backup_id for link in links)))
+                out.disks.append({"label": entry.label, "links": len(links),
                                   "bytes_stored": stored})
-            manifest.update(
-                level="full", disks=new_disks + [d for d in backup.manifest["disks"]
-                                                 if not d.get("stream")],
-                consolidated=time.time(),
-            )
+            manifest = backup.manifest.with_disks(
+                tuple(rewritten.get(d.uuid, d) if d.stream else d
+                      for d in backup.manifest.disks),
+                level="full")
             await writer.commit(manifest)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -103,9 +102,11 @@ class ConsolidateJob:
         out.seconds = time.monotonic() - started
         return out
 
-    async def _write_synthetic(self, writer: Any, links: list[Link]) -> int:
-        """Write the chain's image as one full stream; produced in a worker thread."""
+    async def _write_synthetic(self, writer: Any, links: list[Link]) -> tuple[int, str]:
+        """Write the chain's image as one full stream, produced in a worker thread; returns
+        the bytes stored and the stream's digest."""
         send, recv = trio.open_memory_channel[bytes](4)
+        digest = [""]
         token = trio.lowlevel.current_trio_token()
         tip = links[-1]
 
@@ -133,6 +134,7 @@ class ConsolidateJob:
                         rec, payload = enc.data(off, view)
                         put(bytes(rec) + bytes(payload))
                 put(enc.trailer())
+                digest[0] = enc.summary().digest_hex
 
         async def run() -> None:
             # BrokenResourceError: the writer stopped taking data; its own error is what matters
@@ -148,7 +150,7 @@ class ConsolidateJob:
             nursery.start_soon(run)
             async with recv:
                 stored: int = await writer.write_disk(tip.label, items())
-        return stored
+        return stored, digest[0]
 
     def _compare(self, writer: Any, links: list[Link]) -> None:
         """Read the new stream back in full (digest included) and compare it, range by range,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import trio
 
-from ..stream import Encoder, StreamHeader, is_zero
+from ..stream import Encoder, StreamHeader, Trailer, is_zero
 from .readahead import Chunk
 
 
@@ -17,6 +17,7 @@ async def encode_disk(
     chunks: trio.MemoryReceiveChannel[Chunk],
     out: trio.MemorySendChannel[bytes | memoryview],
     on_chunk: Callable[[Chunk], None],
+    on_end: Callable[[Trailer], None] = lambda t: None,
 ) -> None:
     """Encode one disk stream. All-zero chunks become ZERO records, adjacent ones merged.
 
@@ -60,3 +61,4 @@ async def encode_disk(
             written = chunk
         await flush_zeros()
         await send(enc.trailer())  # once it returned, the last payload was written and released
+        on_end(enc.summary())

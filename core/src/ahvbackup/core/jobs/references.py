@@ -18,12 +18,11 @@ __all__ = ["DiskPlan", "plan_disk", "unreferenced"]
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from ..drivers import StoredBackup
+from ..manifest import DiskEntry
 from ..model import DiskSnapshot
 from ..state import DiskState, VmState
-from .chain import disk_entry
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class DiskPlan:
     reference_handle: str = ""
     reference_snapshot_id: str = ""
     reference_backup: StoredBackup | None = None
-    reference_entry: Mapping[str, Any] | None = None
+    reference_entry: DiskEntry | None = None
     warning: str = ""  # why a delta was wanted but a full is taken
 
     def full(self, why: str) -> DiskPlan:
@@ -71,7 +70,7 @@ def plan_disk(
         return DiskPlan(kind="full", warning=f"{who}: no reference snapshot is recorded; "
                                              "reading it in full")
     ref = backups.get(backup_id)
-    entry = disk_entry(ref, uuid=disk.disk.uuid) if ref is not None else None
+    entry = ref.manifest.disk(uuid=disk.disk.uuid) if ref is not None else None
     if ref is None or entry is None:
         return DiskPlan(kind="full", warning=(
             f"{who}: reference backup {backup_id} is no longer in the repository; "

@@ -12,7 +12,7 @@ link is named. `verify` reads every link of the chain completely.
 
 from __future__ import annotations
 
-__all__ = ["RestoreJob", "VerifyJob", "parse_time", "pick_backup"]
+__all__ = ["RestoreJob", "VerifyJob", "parse_time", "pick_backup", "select_disks"]
 
 import datetime
 import logging
@@ -24,11 +24,13 @@ from typing import Any
 
 import trio
 
+from ..containment import safe_name
 from ..drivers import RestoreTarget, StoredBackup
 from ..errors import AhvBackupError, ConfigError, StreamFormatError, our_errors
+from ..manifest import DiskEntry
 from ..model import DiskInfo
 from ..stream import StreamReader, Trailer
-from .chain import ChainImage, Link, resolve_chain
+from .chain import ChainImage, Link, bind_stream, resolve_chain
 from .runtime import Runtime
 
 log = logging.getLogger("ahvbackup.restore")
@@ -107,6 +109,10 @@ async def pick_backup(
     if backup_id:
         match = [b for b in found if b.backup_id == backup_id]
         if not match:
+            for bad in await rt.sink.damaged(vm):
+                if backup_id in (bad.backup_id, safe_name(backup_id)):
+                    raise StreamFormatError(f"backup {backup_id} is damaged: {bad.where}: "
+                                            f"{bad.reason}")
             raise ConfigError(
                 f"backup: no complete backup {backup_id!r}"
                 + (f" of VM {vm!r}" if vm else "") + " in the repository"
@@ -117,33 +123,18 @@ async def pick_backup(
     return found[-1]
 
 
-def _disk_info(entry: dict[str, Any]) -> DiskInfo:
-    return DiskInfo(
-        uuid=entry["uuid"], bus=entry["bus"], index=int(entry["index"]), size=int(entry["size"]),
-        container=entry.get("container", ""),
-    )
-
-
-def _check_identity(reader: StreamReader, backup: StoredBackup, entry: dict[str, Any]) -> None:
-    h = reader.header
-    want = {"vm_uuid": backup.vm_uuid, "disk_uuid": entry["uuid"], "disk_size": entry["size"],
-            "backup_id": backup.backup_id}
-    got = {"vm_uuid": h.vm_uuid, "disk_uuid": h.disk_uuid, "disk_size": h.disk_size,
-           "backup_id": h.backup_id}
-    wrong = [f"{k} {got[k]!r} (manifest says {want[k]!r})" for k in want if got[k] != want[k]]
-    if wrong:
-        raise StreamFormatError(
-            f"backup {backup.backup_id} disk {entry['label']}: the stream belongs elsewhere: "
-            + "; ".join(wrong)
-        )
+def _disk_info(entry: DiskEntry) -> DiskInfo:
+    return DiskInfo(uuid=entry.uuid, bus=entry.bus, index=entry.index, size=entry.size,
+                    container=entry.container)
 
 
 def _apply_chain(
-    rt: Runtime, backup: StoredBackup, entry: dict[str, Any], links: list[Link],
-    target: RestoreTarget | None, dest: Path, outcome: DiskOutcome, progress: Progress,
+    rt: Runtime, links: list[Link], target: RestoreTarget | None, dest: Path,
+    outcome: DiskOutcome, progress: Progress,
 ) -> None:
     """Rebuild one disk from its chain (blocking: runs in a worker thread), or check the chain
     completely when there is no target."""
+    tip = links[-1]
     with ChainImage(rt.sink, links, verify=target is None) as image:
         outcome.size = image.size
         trailer = image.tip.trailer
@@ -156,7 +147,7 @@ def _apply_chain(
             outcome.ok = True
             return
         writer = target.open_disk(
-            vm_name=backup.vm_name, disk=_disk_info(entry), size=outcome.size, dest=dest
+            vm_name=tip.backup.vm_name, disk=_disk_info(tip.entry), size=outcome.size, dest=dest
         )
         try:
             outcome.data_bytes, outcome.zero_bytes = image.write_to(writer, progress)
@@ -173,20 +164,18 @@ def _kinds(image: ChainImage) -> list[tuple[int, int, bool]]:
 
 
 def _apply(
-    rt: Runtime, backup: StoredBackup, entry: dict[str, Any], target: RestoreTarget | None,
-    dest: Path, outcome: DiskOutcome, progress: Progress,
+    rt: Runtime, link: Link, target: RestoreTarget | None, dest: Path, outcome: DiskOutcome,
+    progress: Progress,
 ) -> None:
     """Read one stream (blocking: runs in a worker thread) into the target, or just check it."""
-    label = entry["label"]
     writer = None
-    with rt.sink.open_stream(backup, label) as f:
-        reader = StreamReader(f, name=f"{backup.vm_name}/{label}")
-        _check_identity(reader, backup, entry)
+    with rt.sink.open_stream(link.backup, link.label) as f:
+        reader = StreamReader(f, name=f"{link.backup.vm_name}/{link.label}")
+        bind_stream(link, reader.header)
         outcome.size = reader.header.disk_size
         if target is not None:
-            writer = target.open_disk(
-                vm_name=backup.vm_name, disk=_disk_info(entry), size=outcome.size, dest=dest
-            )
+            writer = target.open_disk(vm_name=link.backup.vm_name, disk=_disk_info(link.entry),
+                                      size=outcome.size, dest=dest)
         try:
             for rec in reader:
                 if rec.data is not None:
@@ -200,6 +189,7 @@ def _apply(
                 progress(rec.length)
             trailer: Trailer | None = reader.trailer
             assert trailer is not None
+            bind_stream(link, reader.header, trailer)
             outcome.digest = trailer.digest_hex
         except BaseException:
             if writer is not None:
@@ -209,6 +199,23 @@ def _apply(
     if writer is not None:
         outcome.path = str(writer.close())
     outcome.ok = True
+
+
+def select_disks(backup: StoredBackup, names: Sequence[str]) -> tuple[DiskEntry, ...]:
+    """The disks of `backup` named by label (``scsi.0``) or by the whitepaper's ``disk-N``
+    (the Nth disk with a stream, in backup order); all of them when `names` is empty."""
+    streams = backup.manifest.streams
+    if not names:
+        return streams
+    by_name = {d.label: d for d in streams}
+    by_name.update({f"disk-{i}": d for i, d in enumerate(streams) if f"disk-{i}" not in by_name})
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        have = ", ".join(f"{d.label} (disk-{i})" for i, d in enumerate(streams))
+        raise ConfigError(f"restore_disks_only: backup {backup.backup_id} has no disk "
+                          f"{', '.join(unknown)} (it has {have})")
+    wanted = {by_name[n].uuid for n in names}
+    return tuple(d for d in streams if d.uuid in wanted)
 
 
 class _StreamJob:
@@ -221,17 +228,7 @@ class _StreamJob:
         self.rt = rt
         self.backup = backup
         self.progress = progress or (lambda n: None)
-        entries = [d for d in backup.manifest["disks"] if d.get("stream")]
-        if disks:
-            known = {d["label"] for d in entries}
-            unknown = [d for d in disks if d not in known]
-            if unknown:
-                raise ConfigError(
-                    f"restore_disks_only: backup {backup.backup_id} has no disk "
-                    f"{', '.join(unknown)} (it has {', '.join(sorted(known))})"
-                )
-            entries = [d for d in entries if d["label"] in disks]
-        self.entries = entries
+        self.entries = select_disks(backup, disks)
 
     def _target(self) -> RestoreTarget | None:
         return None
@@ -248,14 +245,14 @@ class _StreamJob:
         limiter = trio.CapacityLimiter(max(1, self.rt.config.concurrent_disks))
         async with trio.open_nursery() as nursery:
             for entry in self.entries:
-                outcome = DiskOutcome(label=entry["label"])
+                outcome = DiskOutcome(label=entry.label)
                 out.disks.append(outcome)
                 nursery.start_soon(self._one, entry, target, outcome, limiter)
         out.seconds = time.monotonic() - started
         return out
 
     async def _one(
-        self, entry: dict[str, Any], target: RestoreTarget | None, outcome: DiskOutcome,
+        self, entry: DiskEntry, target: RestoreTarget | None, outcome: DiskOutcome,
         limiter: trio.CapacityLimiter,
     ) -> None:
         token = trio.lowlevel.current_trio_token()
@@ -268,23 +265,23 @@ class _StreamJob:
             outcome.chain = [link.backup.backup_id for link in links]
             if len(links) == 1:
                 await trio.to_thread.run_sync(
-                    _apply, self.rt, self.backup, entry, target, self._dest(), outcome, progress,
+                    _apply, self.rt, links[0], target, self._dest(), outcome, progress,
                     limiter=limiter, abandon_on_cancel=False,
                 )
             else:
                 await trio.to_thread.run_sync(
-                    _apply_chain, self.rt, self.backup, entry, links, target, self._dest(),
-                    outcome, progress, limiter=limiter, abandon_on_cancel=False,
+                    _apply_chain, self.rt, links, target, self._dest(), outcome, progress,
+                    limiter=limiter, abandon_on_cancel=False,
                 )
         except (AhvBackupError, BaseExceptionGroup) as err:
             errors = our_errors(err)
             if errors is None:
                 raise
             outcome.error = "; ".join(str(e) for e in errors)
-            log.error("%s %s: %s", self.backup.vm_name, entry["label"], outcome.error)
+            log.error("%s %s: %s", self.backup.vm_name, entry.label, outcome.error)
         except OSError as err:
-            outcome.error = f"{entry['label']}: {err}"
-            log.error("%s %s: %s", self.backup.vm_name, entry["label"], outcome.error)
+            outcome.error = f"{entry.label}: {err}"
+            log.error("%s %s: %s", self.backup.vm_name, entry.label, outcome.error)
 
 
 class RestoreJob(_StreamJob):

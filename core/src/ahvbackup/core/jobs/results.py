@@ -23,6 +23,7 @@ class DiskResult:
     reference_backup: str | None = None  # the backup a delta builds on
     reference_snapshot: str | None = None
     stream_id: str = ""
+    digest: str = ""  # the stream's whole-stream digest (hex), once it is written
     warnings: list[str] = field(default_factory=list)
     sampled_bytes: int = 0  # verify_unchanged_sample: unchanged bytes re-read and compared
     trust_mismatch: str = ""  # what the trust check found wrong ("" when nothing)

@@ -22,10 +22,7 @@ log = logging.getLogger("ahvbackup.retention")
 
 def references_of(backup: StoredBackup) -> set[str]:
     """The backups `backup`'s delta streams build on directly."""
-    return {
-        str(d["reference_backup"]) for d in backup.manifest.get("disks", ())
-        if d.get("stream") and d.get("reference_backup")
-    }
+    return {d.reference_backup for d in backup.manifest.streams if d.reference_backup}
 
 
 def is_full(backup: StoredBackup) -> bool:
