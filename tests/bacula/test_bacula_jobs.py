@@ -254,3 +254,32 @@ async def test_listing_shows_clusters_then_their_vms(world: World, spawn: Spawn,
     vms = await trio.to_thread.run_sync(listing, f"/@ahvbackup/{cluster}")
     assert top == [f"/@ahvbackup/{cluster}/"]
     assert sorted(vms) == [f"/@ahvbackup/{cluster}/lvm-a/", f"/@ahvbackup/{cluster}/lvm-b/"]
+
+
+async def test_restore_refuses_an_fname_that_climbs_out_of_where(
+        world: World, spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
+    world.add_vm("tvm", [(2 * MiB, [(0, MiB)])])
+    params = prism_params(world, base_params, vm="tvm")
+    where = tmp_path / "w" / "restore"
+
+    def scenario() -> list[str]:
+        b = opened(spawn, params)
+        b.start("BackupStart")
+        disk = b.files(data=True)[0]
+        assert b.end() == 0
+        r = opened(spawn, params, kind="R", where=str(where))
+        r.start("RestoreStart")
+        hostile = [f"{where}/@ahvbackup/../../../../escaped/v/disks/scsi.0.ahvd",
+                   f"{where}/../escaped/v/disks/scsi.0.ahvd",
+                   f"{where}/@ahvbackup/c/v/../../../x.json"]
+        answers = [r.restore(fname, disk.data).text for fname in hostile]
+        r.command("FINISH")
+        r.expect_ack()
+        assert r.end() == 0
+        return answers + [m.text for m in r.messages]
+
+    said = await trio.to_thread.run_sync(scenario)
+    assert said[:3] == ["SKIP", "SKIP", "SKIP"], said  # each refused alone, the job goes on
+    assert sum("not a plain file name" in m and "refused" in m for m in said[3:]) == 3, said
+    assert list(tmp_path.rglob("escaped")) == [] and list(tmp_path.rglob("x.json")) == []
+    assert list(tmp_path.rglob("*.raw")) == []

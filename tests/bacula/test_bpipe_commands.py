@@ -121,10 +121,11 @@ async def test_fileset_prints_one_plugin_line_per_disk(world: World, tmp_path: P
 SIZE = 1 << 20
 
 
-def stream(kind: str, backup_id: str, writes: dict[int, bytes], *, ref: str = "") -> bytes:
+def stream(kind: str, backup_id: str, writes: dict[int, bytes], *, ref: str = "",
+           vm_name: str = "chainvm", label: str = "scsi.0") -> bytes:
     out = io.BytesIO()
-    header = StreamHeader(kind=kind, vm_uuid="vm-1", vm_name="chainvm", disk_uuid="d-1",
-                          disk_label="scsi.0", disk_bus="scsi", disk_size=SIZE,
+    header = StreamHeader(kind=kind, vm_uuid="vm-1", vm_name=vm_name, disk_uuid="d-1",
+                          disk_label=label, disk_bus="scsi", disk_size=SIZE,
                           snapshot_id=f"snap-{backup_id}", backup_id=backup_id,
                           reference_snapshot_id=f"snap-{ref}" if ref else "",
                           reference_backup_id=ref)
@@ -179,3 +180,20 @@ async def test_sink_bacula_outside_a_bacula_job_says_where_it_works(world: World
     assert "sink=bacula works only inside a Bacula job" in out.stdout.decode() + \
         out.stderr.decode()
     assert world.sim.images == {}
+
+
+@pytest.mark.parametrize("vm_name", ["../../../../escaped", "/tmp/abs", "a/../../b"])
+async def test_the_writer_keeps_a_hostile_vm_name_inside_where(tmp_path: Path,
+                                                               vm_name: str) -> None:
+    # the stream's own header names the VM: a Prism user could have named it anything
+    where = tmp_path / "deep" / "where"
+    data = stream("full", "b1", {0: b"A" * 4096}, vm_name=vm_name, label="../scsi.0")
+    restore = await run("bpipe", "restore", "--where", str(where), "-o", "debug_log=",
+                        "-o", f"state_dir={tmp_path / 'state'}", stdin=data)
+    assert restore.returncode == 0, restore.stderr.decode()
+    images = list(where.rglob("*.raw"))
+    assert len(images) == 1
+    assert images[0].resolve().parent.parent == where.resolve()
+    assert images[0].read_bytes()[:4096] == b"A" * 4096
+    outside = [p for p in tmp_path.rglob("*") if p.is_file() and where not in p.parents]
+    assert outside == []
