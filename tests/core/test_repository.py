@@ -79,3 +79,18 @@ async def test_partial_of_a_dead_process_is_swept(tmp_path: Path) -> None:
     sink = DirectorySink(SimpleNamespace(repository=tmp_path))
     assert sink.sweep_partials() == [partial]
     assert not partial.exists() and mine.exists()
+
+
+@pytest.mark.parametrize("key", ["repository", "state_dir"])
+def test_a_file_where_a_folder_belongs_is_one_line_naming_key_and_path(tmp_path: Path,
+                                                                       key: str) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    paths = {"repository": tmp_path / "repo", "state_dir": tmp_path / "state", key: blocker}
+    done = subprocess.run(
+        [sys.executable, "-m", "ahvbackup.core.cli", "list", "-o", "debug_log=",
+         *(a for k, v in paths.items() for a in ("-o", f"{k}={v}"))],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"ahvbackup: error: {key} {blocker}: cannot use it as a folder (File exists)"]

@@ -233,3 +233,154 @@ async def test_an_old_format_manifest_still_restores(world: World) -> None:
 
 def test_stream_format_error_is_exit_4() -> None:
     assert int(StreamFormatError.exit_code) == 4
+
+
+# property: any edit of a real chain's manifests restores the exact point or is refused --------
+
+_CHAIN: dict[str, Any] = {}
+
+
+def _build_chain(tmp: Path) -> dict[str, Any]:
+    """Full + incremental + incremental of a 2-disk VM, and each point's disk digests."""
+    from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
+
+    async def main() -> dict[str, Any]:
+        sim = Simulator(tmp / "sim", seed=True, task_seconds=0.01, sync=False)
+        try:
+            async with serve_simulator(sim, port=0, tls=True) as ep:
+                assert ep.ca_path is not None
+                world = World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path,
+                              tmp=tmp)
+                vm = world.add_vm("p", [(2 * MiB, [(0, MiB)]), (2 * MiB, [(MiB, 512 << 10)])])
+                points = []
+                for level, write in (("full", 0), ("incremental", 64 << 10),
+                                     ("incremental", 1536 << 10)):
+                    if write:
+                        world.sim.write_disk(vm.uuid, 0, write, os.urandom(32 << 10))
+                        world.sim.zero_disk(vm.uuid, 1, MiB, 4096)
+                    bid = await _backup(world, "p", level)
+                    points.append((bid, {f"scsi.{i}": hashlib.sha256(_disk(world, vm.uuid, i))
+                                         .hexdigest() for i in range(2)}))
+                return {"repo": tmp / "repo", "vm": vm.uuid, "points": points,
+                        "overrides": world.overrides()}
+        finally:
+            sim.close()
+
+    return trio_run(main)
+
+
+def trio_run(fn: Callable[[], Any]) -> Any:
+    import trio
+
+    return trio.run(fn)
+
+
+def _paths(doc: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every key path of a JSON document (the places a mutation can hit)."""
+    out = [prefix] if prefix else []
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            if k not in {"config", "digest"}:
+                out += _paths(v, (*prefix, k))
+    elif isinstance(doc, list):
+        for i, v in enumerate(doc):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _get(doc: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        doc = doc[p]
+    return doc
+
+
+def _mutate(docs: list[Doc], draw: Callable[[Any], Any]) -> None:
+    from hypothesis import strategies as st
+
+    n = draw(st.integers(0, len(docs) - 1))
+    doc = docs[n]
+    op = draw(st.sampled_from(["remove", "change", "swap-field", "swap-manifest", "reorder"]))
+    paths = _paths(doc)
+    path = draw(st.sampled_from(paths))
+    parent, key = _get(doc, path[:-1]), path[-1]
+    if op == "remove":
+        del parent[key]
+    elif op == "change":
+        old = parent[key]
+        other_ids = [d.get("backup_id", "") for d in docs] + [""]
+        if isinstance(old, bool):
+            parent[key] = not old
+        elif isinstance(old, int | float):
+            parent[key] = old + draw(st.sampled_from([-4096, -1, 1, 4096]))
+        elif isinstance(old, str):
+            parent[key] = draw(st.sampled_from(
+                [*other_ids, "full", "incremental", "differential", old + "x", "scsi.1"]))
+        else:
+            parent[key] = draw(st.sampled_from([None, "scsi.0", 0, {}]))
+    elif op == "swap-field":
+        m = draw(st.integers(0, len(docs) - 1))
+        try:
+            other_parent = _get(docs[m], path[:-1])
+            parent[key], other_parent[key] = other_parent[key], parent[key]
+        except (KeyError, IndexError, TypeError):
+            del parent[key]
+    elif op == "swap-manifest":
+        m = draw(st.integers(0, len(docs) - 1))
+        docs[n], docs[m] = docs[m], docs[n]
+    else:
+        doc["disks"].reverse()  # harmless: the disks are the same
+
+
+def test_mutated_manifests_restore_exactly_or_are_refused(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from ahvbackup.core.config import load_config
+
+    if not _CHAIN:
+        _CHAIN.update(_build_chain(tmp_path_factory.mktemp("chain")))
+    chain = _CHAIN
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(data=st.data())
+    def prop(data: st.DataObject) -> None:
+        tmp = tmp_path_factory.mktemp("mut")
+        repo = tmp / "repo"
+        shutil.copytree(chain["repo"], repo)
+        folders = [repo / chain["vm"] / bid for bid, _ in chain["points"]]
+        docs = [json.loads((f / "manifest.json").read_text()) for f in folders]
+        for _ in range(data.draw(st.integers(1, 3))):
+            _mutate(docs, data.draw)
+        resign = data.draw(st.booleans())
+        for f, doc in zip(folders, docs, strict=True):
+            if resign and isinstance(doc, dict):
+                _resign(doc)
+            (f / "manifest.json").write_text(json.dumps(doc))
+        which = data.draw(st.integers(0, len(chain["points"]) - 1))
+        bid, want = chain["points"][which]
+        cfg = load_config(overrides={**chain["overrides"], "repository": str(repo),
+                                     "state_dir": str(tmp / "state")})
+        dest = tmp / "out"
+
+        async def restore() -> dict[str, str] | None:
+            rt = Runtime.from_config(cfg)
+            try:
+                out = await RestoreJob(rt, await pick_backup(rt, vm=None, backup_id=bid),
+                                       dest=dest).run()
+            except AhvBackupError:
+                return None
+            if not out.ok:
+                return None
+            return {d.label: hashlib.sha256(Path(d.path).read_bytes()).hexdigest()
+                    for d in out.disks}
+
+        got = trio_run(restore)
+        outcomes.append(got is not None)
+        if got is not None:  # it restored: then it is exactly the point, every disk of it
+            assert got == want, f"point {which} restored wrong bytes after an edit"
+
+    outcomes: list[bool] = []
+    prop()
+    # both answers happened: harmless edits restored, harmful ones were refused
+    assert any(outcomes) and not all(outcomes), outcomes

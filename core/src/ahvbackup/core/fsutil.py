@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "ensure_dir", "fsync_dir"]
 
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from .errors import ConfigError
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,3 +38,16 @@ def atomic_write_bytes(path: Path, data: bytes, *, mode: int = 0o600) -> None:
 
 def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o600) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", mode=mode)
+
+
+def ensure_dir(path: Path, *, key: str) -> Path:
+    """`path` as a folder (made, mode 0700, if missing); any problem is one line naming the
+    configuration `key`, the path and the errno text, before anything is done."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.is_dir():
+            raise NotADirectoryError(20, "Not a directory")
+    except OSError as err:
+        raise ConfigError(f"{key} {path}: cannot use it as a folder "
+                          f"({err.strerror or err})") from None
+    return path

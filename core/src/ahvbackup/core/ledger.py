@@ -23,12 +23,14 @@ from typing import Any
 
 import trio
 
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_json, ensure_dir, fsync_dir
 
 log = logging.getLogger("ahvbackup.ledger")
 
 #: how long a release may take once the job is being cancelled (shielded from the cancellation)
 RELEASE_TIMEOUT = 120.0
+RELEASE_ATTEMPTS = 4
+RELEASE_BACKOFF = 0.5  # seconds before the second attempt, doubled for each next one
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,8 @@ def _pid_alive(pid: int) -> bool:
 
 class Ledger:
     def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir / "ledger"
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        ensure_dir(state_dir, key="state_dir")
+        self.dir = ensure_dir(state_dir / "ledger", key="state_dir")
 
     def record(self, kind: str, resource_id: str, *, owner: str, **scope: Any) -> Record:
         rec = Record(kind=kind, resource_id=resource_id, owner=owner, pid=os.getpid(), scope=scope)
@@ -106,6 +108,13 @@ class ReleaseStack:
         self.owner = owner
         self.releaser = releaser
         self._held: list[Record] = []
+        #: what `aclose` could not release, even after retries (the next sweep retries it)
+        self.left: list[Record] = []
+
+    def left_behind(self) -> list[str]:
+        """One warning per resource `aclose` had to leave, for the job summary."""
+        return [f"{rec.describe()} could not be released and is left on the cluster; the "
+                "next run's sweep releases it" for rec in self.left]
 
     def record(self, kind: str, resource_id: str, **scope: Any) -> Record:
         rec = self.ledger.record(kind, resource_id, owner=self.owner, **scope)
@@ -137,6 +146,7 @@ class ReleaseStack:
             rec = self._held.pop()
             if not await release_record(self.ledger, rec, self.releaser):
                 failed.append(rec)
+        self.left += failed
         return failed
 
     async def __aenter__(self) -> ReleaseStack:
@@ -147,15 +157,26 @@ class ReleaseStack:
 
 
 async def release_record(ledger: Ledger, rec: Record, releaser: Releaser) -> bool:
+    """Release `rec`, retried with backoff (a delete that meets a 500 or a busy cluster
+    usually works a moment later); kept in the ledger for the next sweep if it never does."""
     with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT) as scope:
-        try:
-            await releaser(rec)
-        except Exception as err:
-            log.warning("could not release %s: %s (kept for the next sweep)", rec.describe(), err)
-            return False
-        ledger.forget(rec)
-        log.debug("released %s", rec.describe())
-        return True
+        delay = RELEASE_BACKOFF
+        for attempt in range(1, RELEASE_ATTEMPTS + 1):
+            try:
+                await releaser(rec)
+            except Exception as err:
+                if attempt == RELEASE_ATTEMPTS:
+                    log.warning("could not release %s after %d attempts: %s (kept for the "
+                                "next sweep)", rec.describe(), attempt, err)
+                    return False
+                log.info("releasing %s failed (%s); retrying in %.1f s", rec.describe(), err,
+                         delay)
+                await trio.sleep(delay)
+                delay *= 2
+                continue
+            ledger.forget(rec)
+            log.debug("released %s", rec.describe())
+            return True
     if scope.cancelled_caught:
         log.warning("releasing %s timed out (kept for the next sweep)", rec.describe())
     return False

@@ -34,7 +34,7 @@ import trio
 from .containment import safe_name
 from .drivers import BackupWriter, DamagedBackup, Inventory, Sink, StoredBackup
 from .errors import SinkError
-from .fsutil import atomic_write_bytes, fsync_dir
+from .fsutil import atomic_write_bytes, ensure_dir, fsync_dir
 from .manifest import Manifest, ManifestError
 from .model import VmInfo
 
@@ -120,11 +120,7 @@ class DirectorySink(Sink):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.root = Path(config.repository)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError as err:
-            raise SinkError(f"repository {self.root}: cannot create it ({err.strerror})") from err
+        self.root = ensure_dir(Path(config.repository), key="repository")
 
     async def begin(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter:
         return _DirectoryBackupWriter(self, vm, backup_id, level)

@@ -17,7 +17,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, ensure_dir
 
 log = logging.getLogger("ahvbackup.state")
 
@@ -59,8 +59,7 @@ class VmState:
 
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir = ensure_dir(state_dir, key="state_dir")
 
     def _path(self, vm_uuid: str) -> Path:
         return self.dir / vm_uuid / "state.json"

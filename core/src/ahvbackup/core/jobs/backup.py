@@ -238,6 +238,7 @@ class BackupJob:
                 raise
             vr.backup_id = stored.backup_id
             self._retain(vm, snap, vr, old_state, backup_id, stack)
+        vr.warnings += stack.left_behind()
         vr.ok = True
         log.info(msgs.backup_complete(vm.name, len(vr.disks), vr.bytes_read, vr.bytes_stored))
         if cfg.keep_fulls or cfg.keep_days:
@@ -399,6 +400,7 @@ class BackupJob:
                         with trio.CancelScope(shield=True):
                             await reader.aclose()
                     t2 = time.monotonic()
+                dr.warnings += stack.left_behind()
                 dr.ok = True
                 dr.read_seconds = round(t2 - t1, 3)
                 log.debug(
