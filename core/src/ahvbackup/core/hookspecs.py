@@ -86,4 +86,16 @@ def ahvbackup_resource_released(kind: str, resource_id: str, owner: str, ok: boo
 
 @hookspec
 def ahvbackup_metric(name: str, value: float, labels: dict[str, str]) -> None:
-    """A measurement (bytes, seconds, counts) for exporters such as Prometheus."""
+    """A measurement (bytes, seconds, counts) for exporters such as Prometheus.
+
+    Emitted today (labels in brackets):
+    ``disk_bytes_read``, ``disk_bytes_stored``, ``disk_zero_bytes``, ``disk_read_seconds``
+    [mode, vm, disk, kind, outcome] per disk backed up;
+    ``vm_bytes_read``, ``vm_bytes_stored``, ``vm_seconds`` [mode, vm, outcome] per VM;
+    ``vm_last_success_timestamp`` [vm] after each complete backup of a VM;
+    ``disk_bytes_restored``, ``disk_bytes_verified``, ``disk_seconds``
+    [mode, vm, disk, outcome] per disk restored or verified;
+    ``job_seconds`` [mode, outcome] per job;
+    ``resources_released``, ``resources_left`` [kind] per snapshot, image, volume group or
+    session released or left for the next sweep.
+    """

@@ -19,11 +19,14 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from .fsutil import atomic_write_json, ensure_dir, fsync_dir
+
+if TYPE_CHECKING:
+    from .plugins import Hooks
 
 log = logging.getLogger("ahvbackup.ledger")
 
@@ -65,15 +68,32 @@ def _pid_alive(pid: int) -> bool:
 
 
 class Ledger:
-    def __init__(self, state_dir: Path) -> None:
+    """The records of remote resources in flight. `hooks` hear of each one recorded and
+    released (``resource_created``, ``resource_released``, and a ``metric`` per release)."""
+
+    def __init__(self, state_dir: Path, *, hooks: Hooks | None = None) -> None:
         ensure_dir(state_dir, key="state_dir")
         self.dir = ensure_dir(state_dir / "ledger", key="state_dir")
+        self.hooks = hooks
 
     def record(self, kind: str, resource_id: str, *, owner: str, **scope: Any) -> Record:
         rec = Record(kind=kind, resource_id=resource_id, owner=owner, pid=os.getpid(), scope=scope)
         atomic_write_json(self.dir / f"{rec.id}.json", asdict(rec))
         log.debug("ledger: recorded %s", rec.describe())
+        if self.hooks is not None:
+            self.hooks.resource_created(kind=kind, resource_id=resource_id, owner=owner)
         return rec
+
+    def released(self, rec: Record, *, ok: bool) -> None:
+        """`rec` was released (`ok`), or could not be and stays owed to the next sweep."""
+        if ok:
+            self.forget(rec)
+        if self.hooks is None:
+            return
+        self.hooks.resource_released(kind=rec.kind, resource_id=rec.resource_id,
+                                     owner=rec.owner, ok=ok)
+        self.hooks.metric(name="resources_released" if ok else "resources_left", value=1,
+                          labels={"kind": rec.kind})
 
     def forget(self, rec: Record) -> None:
         (self.dir / f"{rec.id}.json").unlink(missing_ok=True)
@@ -168,15 +188,17 @@ async def release_record(ledger: Ledger, rec: Record, releaser: Releaser) -> boo
                 if attempt == RELEASE_ATTEMPTS:
                     log.warning("could not release %s after %d attempts: %s (kept for the "
                                 "next sweep)", rec.describe(), attempt, err)
+                    ledger.released(rec, ok=False)
                     return False
                 log.info("releasing %s failed (%s); retrying in %.1f s", rec.describe(), err,
                          delay)
                 await trio.sleep(delay)
                 delay *= 2
                 continue
-            ledger.forget(rec)
+            ledger.released(rec, ok=True)
             log.debug("released %s", rec.describe())
             return True
     if scope.cancelled_caught:
         log.warning("releasing %s timed out (kept for the next sweep)", rec.describe())
+    ledger.released(rec, ok=False)
     return False

@@ -113,6 +113,8 @@ class BackupJob:
             rt.hooks.job_finished(
                 job_id=rt.job_id, ok=result.ok, failed=result.failed, seconds=result.seconds
             )
+            rt.hooks.measure({"mode": cfg.mode, "outcome": "ok" if result.ok else "failed"},
+                             job_seconds=result.seconds)
         return result
 
     async def _vm(
@@ -120,6 +122,7 @@ class BackupJob:
         slots: trio.Semaphore,
     ) -> None:
         rt = self.rt
+        vm_started = time.monotonic()
         try:
             rt.hooks.vm_started(job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name)
             try:
@@ -135,6 +138,12 @@ class BackupJob:
                 job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name, ok=vr.ok,
                 bytes_stored=vr.bytes_stored, error=vr.error,
             )
+            labels = {"mode": self.cfg.mode, "vm": vm.name, "outcome": "ok" if vr.ok
+                      else "failed"}
+            rt.hooks.measure(labels, vm_bytes_read=vr.bytes_read, vm_bytes_stored=vr.bytes_stored,
+                             vm_seconds=time.monotonic() - vm_started)
+            if vr.ok and self.cfg.mode == "backup":
+                rt.hooks.measure({"vm": vm.name}, vm_last_success_timestamp=time.time())
         finally:
             slots.release()
 
@@ -417,6 +426,12 @@ class BackupJob:
             rt.hooks.disk_finished(
                 job_id=rt.job_id, vm_name=vm.name, disk=dr.label, ok=dr.ok,
                 bytes_read=dr.bytes_read, bytes_stored=dr.bytes_stored,
+            )
+            rt.hooks.measure(
+                {"mode": self.cfg.mode, "vm": vm.name, "disk": dr.label, "kind": dr.kind,
+                 "outcome": "ok" if dr.ok else "failed"},
+                disk_bytes_read=dr.bytes_read, disk_bytes_stored=dr.bytes_stored,
+                disk_zero_bytes=dr.zero_bytes, disk_read_seconds=dr.read_seconds,
             )
         finally:
             slots.release()

@@ -240,15 +240,26 @@ class _StreamJob:
         started = time.monotonic()
         out = RestoreOutcome(backup_id=self.backup.backup_id, vm_name=self.backup.vm_name,
                              mode=self.mode, level=self.backup.level)
-        target = self._target()
-        self.by_id = {b.backup_id: b for b in await self.rt.sink.backups(self.backup.vm_uuid)}
-        limiter = trio.CapacityLimiter(max(1, self.rt.config.concurrent_disks))
-        async with trio.open_nursery() as nursery:
-            for entry in self.entries:
-                outcome = DiskOutcome(label=entry.label)
-                out.disks.append(outcome)
-                nursery.start_soon(self._one, entry, target, outcome, limiter)
-        out.seconds = time.monotonic() - started
+        hooks, job_id, b = self.rt.hooks, self.rt.job_id, self.backup
+        hooks.job_started(job_id=job_id, mode=self.mode, level=b.level)
+        hooks.vm_started(job_id=job_id, vm_uuid=b.vm_uuid, vm_name=b.vm_name)
+        try:
+            target = self._target()
+            self.by_id = {x.backup_id: x for x in await self.rt.sink.backups(b.vm_uuid)}
+            limiter = trio.CapacityLimiter(max(1, self.rt.config.concurrent_disks))
+            async with trio.open_nursery() as nursery:
+                for entry in self.entries:
+                    outcome = DiskOutcome(label=entry.label)
+                    out.disks.append(outcome)
+                    nursery.start_soon(self._one, entry, target, outcome, limiter)
+        finally:
+            out.seconds = time.monotonic() - started
+            errors = "; ".join(d.error for d in out.disks if d.error) or None
+            hooks.vm_finished(job_id=job_id, vm_uuid=b.vm_uuid, vm_name=b.vm_name, ok=out.ok,
+                              bytes_stored=0, error=errors)
+            hooks.job_finished(job_id=job_id, ok=out.ok, failed=out.failed, seconds=out.seconds)
+            hooks.measure({"mode": self.mode, "outcome": "ok" if out.ok else "failed"},
+                          job_seconds=out.seconds)
         return out
 
     async def _one(
@@ -260,6 +271,26 @@ class _StreamJob:
         def progress(n: int) -> None:
             trio.from_thread.run_sync(self.progress, n, trio_token=token)
 
+        hooks, vm_name = self.rt.hooks, self.backup.vm_name
+        hooks.disk_started(job_id=self.rt.job_id, vm_name=vm_name, disk=entry.label,
+                           size=entry.size)
+        started = time.monotonic()
+        try:
+            await self._rebuild(entry, target, outcome, limiter, progress)
+        finally:
+            # bytes_read: the data bytes read back from the streams (written, for a restore)
+            hooks.disk_finished(job_id=self.rt.job_id, vm_name=vm_name, disk=entry.label,
+                                ok=outcome.ok, bytes_read=outcome.data_bytes, bytes_stored=0)
+            hooks.measure({"mode": self.mode, "vm": vm_name, "disk": entry.label,
+                           "outcome": "ok" if outcome.ok else "failed"},
+                          disk_bytes_restored=outcome.data_bytes if target else 0,
+                          disk_bytes_verified=0 if target else outcome.data_bytes,
+                          disk_seconds=time.monotonic() - started)
+
+    async def _rebuild(
+        self, entry: DiskEntry, target: RestoreTarget | None, outcome: DiskOutcome,
+        limiter: trio.CapacityLimiter, progress: Progress,
+    ) -> None:
         try:
             links = resolve_chain(self.by_id, self.backup, entry)
             outcome.chain = [link.backup.backup_id for link in links]
