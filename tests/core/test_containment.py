@@ -77,3 +77,11 @@ def test_raw_target_keeps_hostile_vm_names_inside_dest(tmp_path: Path) -> None:
         assert p.resolve().parent.parent == dest.resolve()
     assert len(set(paths)) == len(HOSTILE)  # no two VMs share an image
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
+
+
+def test_the_mapping_is_stable_across_releases_as_documented() -> None:
+    # docs/manifest.md quotes these; a changed mapping would restore into other folders
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "manifest.md").read_text()
+    for name in ("../../tmp/x", "__/tmp/x"):
+        assert f"`{safe_name(name)}`" in doc
+    assert safe_name("../../tmp/x") == "_.._tmp_x~5a64a91ce61b"
