@@ -78,12 +78,13 @@ async def test_datapath_reads_a_chap_target_and_needs_the_acl(tmp_path: Path,
                                          size=len(data), chap=("vg-user",
                                                                Secret("vg-secret-123"))))
         path = datapath.IscsiDataPath(cfg)
+        opened = path.open(session, _disk(len(data)), stack=None)  # type: ignore[arg-type]
         if not allowed:
             with pytest.raises(DataPathError, match=f"does not offer {IQN} to {ME}"):
-                await path.open(session, _disk(len(data)), stack=None)  # type: ignore[arg-type]
+                async with opened:
+                    pass
         else:
-            reader = await path.open(session, _disk(len(data)), stack=None)  # type: ignore[arg-type]
-            try:
+            async with opened as reader:
                 buf = bytearray(1000)  # not block-aligned: read through a bounce buffer
                 await reader.read_into(1234, memoryview(buf))
                 assert buf == data[1234:2234]
@@ -91,8 +92,6 @@ async def test_datapath_reads_a_chap_target_and_needs_the_acl(tmp_path: Path,
                 await reader.read_into(0, memoryview(whole))
                 assert whole == data
                 assert target.sessions == [(IQN, ME)]
-            finally:
-                await reader.aclose()
             with trio.fail_after(5):  # logged out: the target forgets the session
                 while target.sessions:
                     await trio.sleep(0.01)
@@ -110,7 +109,8 @@ async def test_datapath_with_a_wrong_chap_secret_fails_clearly(tmp_path: Path) -
         session = StagedOnly(IscsiSource(portal=("127.0.0.1", port), target_iqn=IQN, lun=0,
                                          size=1 << 20, chap=("vg-user", Secret("nope-nope"))))
         with pytest.raises(IscsiAuthError) as info:
-            await datapath.IscsiDataPath(cfg).open(session, _disk(1 << 20),  # type: ignore[arg-type]
-                                                   stack=None)  # type: ignore[arg-type]
+            async with datapath.IscsiDataPath(cfg).open(
+                    session, _disk(1 << 20), stack=None):  # type: ignore[arg-type]
+                pass
         assert "nope-nope" not in str(info.value)
         nursery.cancel_scope.cancel()

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import marshmallow
 
-from .errors import DataPathError
+from .errors import DataPathError, SinkError
 from .ledger import Record, ReleaseStack
 from .manifest import Manifest
 from .model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
@@ -160,9 +160,6 @@ class DiskReader(abc.ABC):
     async def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill `buf` with the bytes at `offset`; anything short of that is an error."""
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook
-        """Release transport state (connections, sessions)."""
-
 
 class DataPath(Driver):
     """Moves disk bytes between a snapshot on the cluster and the job (iscsi, rest)."""
@@ -175,10 +172,14 @@ class DataPath(Driver):
         return self.config.chunk_size_mib << 20
 
     @abc.abstractmethod
-    async def open(
+    def open(
         self, session: HypervisorSession, disk: DiskSnapshot, *, stack: ReleaseStack
-    ) -> DiskReader:
-        """Expose `disk` through this path and return a reader; staged resources go on `stack`."""
+    ) -> AbstractAsyncContextManager[DiskReader]:
+        """``async with path.open(session, disk, stack=stack) as reader``: expose `disk`.
+
+        The reader, and the connections or sessions it holds, live in the caller's task for
+        the block and are closed when it ends; resources staged on the cluster go on `stack`
+        (released by it, after the block). Reads may come from several tasks at once."""
 
 
 # Sink ------------------------------------------------------------------------------------------
@@ -242,6 +243,11 @@ class BackupWriter(abc.ABC):
     @abc.abstractmethod
     async def abort(self) -> None: ...
 
+    def open_written(self, label: str) -> BinaryIO:
+        """Read back a stream written in this (uncommitted) backup; sinks that manage their
+        backups (`Sink.manages_backups`) provide it, consolidation checks its output with it."""
+        raise SinkError(f"{type(self).__name__} cannot read back what it wrote")
+
 
 class Sink(Driver):
     """Stores disk streams and manifests (the directory repository, Bacula)."""
@@ -250,6 +256,22 @@ class Sink(Driver):
     #: lists earlier backups and opens their streams, so deltas can be chained onto them
     #: (incremental and differential levels are refused for a sink without it)
     keeps_chains: ClassVar[bool] = False
+    #: removes and replaces its own backups: retention and consolidation run on it (Bacula's
+    #: sink does not: Bacula's catalog and retention own those backups)
+    manages_backups: ClassVar[bool] = False
+
+    async def begin_replace(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter:
+        """A new version of an existing backup (same id), replacing it at commit."""
+        raise SinkError(f"sink {self.name!r} cannot replace backups (consolidation needs the "
+                        "directory repository)")
+
+    async def remove(self, backup: StoredBackup) -> None:
+        """Remove one complete backup."""
+        raise SinkError(f"sink {self.name!r} cannot remove backups")
+
+    def sweep_partials(self) -> list[Path]:
+        """Remove what killed jobs left half-written; returns it. Nothing by default."""
+        return []
     #: where a sink that cannot work on its own does work ("a Bacula job": its host program
     #: attaches the channel); empty for a sink that works anywhere. A command that cannot be
     #: that host refuses it before contacting the cluster.

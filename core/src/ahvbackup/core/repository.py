@@ -117,6 +117,7 @@ class DirectorySink(Sink):
     name = "directory"
     summary = "local directory repository (the embedded default)"
     keeps_chains = True
+    manages_backups = True
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
@@ -206,14 +207,15 @@ class DirectorySink(Sink):
             if len(items) > 1:  # a manifest copied over another's: neither can be trusted
                 places = ", ".join(str(self.path_of(b)) for b in items)
                 for b in items:
-                    out.damaged.append(DamagedBackup(b.vm_name, backup_id, str(self.path_of(b)),
+                    out.damaged.append(DamagedBackup(safe_name(b.vm_uuid), backup_id,
+                                                     str(self.path_of(b)),
                                                      f"backup id {backup_id} is in {places}"))
                 continue
             out.backups.extend(items)
         if vm is not None:
             out.backups = [b for b in out.backups if vm in (b.vm_uuid, b.vm_name)]
-            folders = {safe_name(vm), *(safe_name(b.vm_uuid) for b in out.backups)}
-            out.damaged = [d for d in out.damaged if d.vm in folders]
+            of_vm = {safe_name(vm), *(safe_name(b.vm_uuid) for b in out.backups)}
+            out.damaged = [d for d in out.damaged if d.vm in of_vm]
         out.backups.sort(key=lambda b: (b.created, b.backup_id))
         return out
 

@@ -15,6 +15,8 @@ import http.client
 import logging
 import threading
 import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import trio
 
@@ -61,7 +63,6 @@ class RestDiskReader(DiskReader):
             try:
                 # not abandoned on cancel: the thread writes into `buf`, which is reused after
                 await trio.to_thread.run_sync(self._get, offset, buf, limiter=self._threads)
-                return
             except _Retryable as err:
                 if attempt == ATTEMPTS:
                     raise DataPathError(
@@ -72,6 +73,8 @@ class RestDiskReader(DiskReader):
                           self.label, offset, length, err, delay)
                 await trio.sleep(delay)
                 delay = min(delay * 2, 8.0)
+            else:
+                return
 
     def _connection(self) -> http.client.HTTPConnection:
         with self._lock:
@@ -125,7 +128,7 @@ class RestDiskReader(DiskReader):
             else:
                 conn.close()
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
@@ -143,13 +146,18 @@ class RestDataPath(DataPath):
     def read_size(self) -> int:
         return max(super().read_size(), MIN_READ)
 
+    @asynccontextmanager
     async def open(
         self, session: HypervisorSession, disk: DiskSnapshot, *, stack: ReleaseStack
-    ) -> DiskReader:
+    ) -> AsyncIterator[DiskReader]:
         source = await session.stage_http(disk, stack=stack)
         if source.size < disk.size:
             raise DataPathError(
                 f"rest: disk {disk.disk.label}: staged image is {source.size} bytes, "
                 f"the snapshot says {disk.size}"
             )
-        return RestDiskReader(source, label=disk.disk.label)
+        reader = RestDiskReader(source, label=disk.disk.label)
+        try:
+            yield reader
+        finally:
+            reader.close()

@@ -20,13 +20,20 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import trio
 
 from .. import __version__
 from .. import log as msgs
-from ..drivers import BackupWriter, DataPath, HypervisorSession, StoredBackup
+from ..drivers import (
+    BackupWriter,
+    DataPath,
+    DiskReader,
+    HypervisorSession,
+    Sink,
+    StoredBackup,
+)
 from ..errors import AhvBackupError, ApiError, ConfigError, HypervisorError, SinkError, our_errors
 from ..ledger import ReleaseStack
 from ..manifest import DiskEntry, Manifest, RemovedDisk, VmIdentity
@@ -36,6 +43,7 @@ from ..repository import new_backup_id, stream_name
 from ..state import DiskState, VmState
 from ..stream import MAX_DATA_LENGTH, StreamHeader, StreamReader, Trailer
 from .chain import ChainImage, resolve_chain
+from .concurrency import each_limited
 from .encode import encode_disk
 from .readahead import Chunk, read_chunks
 from .references import DiskPlan, plan_disk, unreferenced
@@ -56,6 +64,18 @@ _REFERENCE_GONE = (404, 410, 422)
 Progress = Callable[[int], None]
 
 
+@dataclass(frozen=True)
+class _VmWork:
+    """What every disk of one VM's backup shares."""
+
+    session: HypervisorSession
+    datapath: DataPath
+    vm: VmInfo
+    snap: VmSnapshot
+    writer: BackupWriter
+    backup_id: str
+
+
 class BackupJob:
     def __init__(
         self, rt: Runtime, *, progress: Progress | None = None, disks: Sequence[str] = ()
@@ -70,7 +90,7 @@ class BackupJob:
             raise ConfigError(
                 f"mode: {self.cfg.mode!r} is not a backup mode (use backup or estimate)"
             )
-        self.keeps_chains = bool(getattr(load_driver("sink", self.cfg.sink), "keeps_chains", False))
+        self.keeps_chains = load_driver("sink", self.cfg.sink, base=Sink).keeps_chains
         if self.cfg.level != "full" and not self.keeps_chains:
             raise ConfigError(
                 f"level: {self.cfg.level} backups need a sink that keeps chains; the "
@@ -101,13 +121,10 @@ class BackupJob:
                 datapath = (
                     None if cfg.mode == "estimate" else await resolve_data_path(cfg, session)
                 )
-                slots = trio.Semaphore(cfg.concurrent_vms)
-                async with trio.open_nursery() as nursery:
-                    for vm in vms:  # started in selection order, at most concurrent_vms at once
-                        vr = VmResult(vm_uuid=vm.uuid, vm_name=vm.name)
-                        result.vms.append(vr)
-                        await slots.acquire()
-                        nursery.start_soon(self._vm, session, datapath, vm, vr, slots)
+                result.vms = [VmResult(vm_uuid=vm.uuid, vm_name=vm.name) for vm in vms]
+                # started in selection order, at most concurrent_vms at once
+                await each_limited(zip(vms, result.vms, strict=True), cfg.concurrent_vms,
+                                   lambda pair: self._vm(session, datapath, *pair))
         finally:
             result.seconds = time.monotonic() - started
             rt.hooks.job_finished(
@@ -119,33 +136,28 @@ class BackupJob:
 
     async def _vm(
         self, session: HypervisorSession, datapath: DataPath | None, vm: VmInfo, vr: VmResult,
-        slots: trio.Semaphore,
     ) -> None:
         rt = self.rt
         vm_started = time.monotonic()
+        rt.hooks.vm_started(job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name)
         try:
-            rt.hooks.vm_started(job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name)
-            try:
-                await self._vm_locked(session, datapath, vm, vr)
-            except (AhvBackupError, BaseExceptionGroup) as err:
-                errors = our_errors(err)
-                if errors is None:
-                    raise
-                vr.ok = False
-                vr.error = vr.error or "; ".join(dict.fromkeys(str(e) for e in errors))
-                log.error("VM %s: %s", vm.name, vr.error)
-            rt.hooks.vm_finished(
-                job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name, ok=vr.ok,
-                bytes_stored=vr.bytes_stored, error=vr.error,
-            )
-            labels = {"mode": self.cfg.mode, "vm": vm.name, "outcome": "ok" if vr.ok
-                      else "failed"}
-            rt.hooks.measure(labels, vm_bytes_read=vr.bytes_read, vm_bytes_stored=vr.bytes_stored,
-                             vm_seconds=time.monotonic() - vm_started)
-            if vr.ok and self.cfg.mode == "backup":
-                rt.hooks.measure({"vm": vm.name}, vm_last_success_timestamp=time.time())
-        finally:
-            slots.release()
+            await self._vm_locked(session, datapath, vm, vr)
+        except (AhvBackupError, BaseExceptionGroup) as err:
+            errors = our_errors(err)
+            if errors is None:
+                raise
+            vr.ok = False
+            vr.error = vr.error or "; ".join(dict.fromkeys(str(e) for e in errors))
+            log.error("VM %s: %s", vm.name, vr.error)
+        rt.hooks.vm_finished(
+            job_id=rt.job_id, vm_uuid=vm.uuid, vm_name=vm.name, ok=vr.ok,
+            bytes_stored=vr.bytes_stored, error=vr.error,
+        )
+        labels = {"mode": self.cfg.mode, "vm": vm.name, "outcome": "ok" if vr.ok else "failed"}
+        rt.hooks.measure(labels, vm_bytes_read=vr.bytes_read, vm_bytes_stored=vr.bytes_stored,
+                         vm_seconds=time.monotonic() - vm_started)
+        if vr.ok and self.cfg.mode == "backup":
+            rt.hooks.measure({"vm": vm.name}, vm_last_success_timestamp=time.time())
 
     def _consistency(self, vm: VmInfo, vr: VmResult) -> bool:
         """Whether to ask for an application-consistent snapshot (application_consistent=...)."""
@@ -215,16 +227,13 @@ class BackupJob:
             assert datapath is not None
             writer = await rt.sink.begin(vm, backup_id=backup_id, level=cfg.level)
             try:
-                slots = trio.Semaphore(cfg.concurrent_disks)
-                async with trio.open_nursery() as nursery:
-                    for disk in wanted:  # in disk order, at most concurrent_disks at once
-                        dr = DiskResult(label=disk.disk.label, size=disk.size)
-                        vr.disks.append(dr)
-                        await slots.acquire()
-                        nursery.start_soon(
-                            self._disk, session, datapath, vm, snap, disk, plans[disk.disk.uuid],
-                            writer, dr, backup_id, slots,
-                        )
+                work = _VmWork(session=session, datapath=datapath, vm=vm, snap=snap,
+                               writer=writer, backup_id=backup_id)
+                vr.disks = [DiskResult(label=d.disk.label, size=d.size) for d in wanted]
+                # in disk order, at most concurrent_disks at once
+                await each_limited(
+                    zip(wanted, vr.disks, strict=True), cfg.concurrent_disks,
+                    lambda pair: self._disk(work, pair[0], plans[pair[0].disk.uuid], pair[1]))
                 failed = [d.label for d in vr.disks if not d.ok]
                 if failed:
                     vr.error = f"disk(s) {', '.join(failed)} failed; no backup of this VM was kept"
@@ -374,70 +383,58 @@ class BackupJob:
             return plan.full(why), _coalesce(session.regions(disk))
         return plan, _coalesce(_prepend(first, it))
 
-    async def _disk(
-        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot,
-        disk: DiskSnapshot, plan: DiskPlan, writer: BackupWriter, dr: DiskResult,
-        backup_id: str, slots: trio.Semaphore,
-    ) -> None:
-        rt = self.rt
+    async def _disk(self, w: _VmWork, disk: DiskSnapshot, plan: DiskPlan,
+                    dr: DiskResult) -> None:
+        rt, session, vm = self.rt, w.session, w.vm
+        rt.hooks.disk_started(job_id=rt.job_id, vm_name=vm.name, disk=dr.label, size=disk.size)
         try:
-            rt.hooks.disk_started(job_id=rt.job_id, vm_name=vm.name, disk=dr.label, size=disk.size)
-            try:
-                plan, regions = await self._regions(session, vm, disk, plan)
-                dr.kind = plan.kind
-                if plan.warning:
-                    log.warning("%s", plan.warning)
-                    dr.warnings.append(plan.warning)
-                if plan.reference_backup is not None:
-                    dr.reference_backup = plan.reference_backup.backup_id
-                    dr.reference_snapshot = plan.reference_snapshot_id
-                async with ReleaseStack(
-                    rt.ledger, owner=rt.job_id, releaser=session.release
-                ) as stack:
-                    t0 = time.monotonic()
-                    reader = await datapath.open(session, disk, stack=stack)
+            plan, regions = await self._regions(session, vm, disk, plan)
+            dr.kind = plan.kind
+            if plan.warning:
+                log.warning("%s", plan.warning)
+                dr.warnings.append(plan.warning)
+            if plan.reference_backup is not None:
+                dr.reference_backup = plan.reference_backup.backup_id
+                dr.reference_snapshot = plan.reference_snapshot_id
+            async with ReleaseStack(
+                rt.ledger, owner=rt.job_id, releaser=session.release
+            ) as stack:
+                t0 = time.monotonic()
+                async with w.datapath.open(session, disk, stack=stack) as reader:
                     t1 = time.monotonic()
                     changed: list[tuple[int, int]] = []
-                    try:
-                        dr.bytes_stored = await self._stream_disk(
-                            session, datapath, vm, snap, disk, plan, _noting(regions, changed),
-                            reader, writer, dr, backup_id,
-                        )
-                        if plan.kind != "full" and self.cfg.verify_unchanged_sample > 0:
-                            await self._trust_check(vm, disk, plan, reader, changed, dr)
-                    finally:
-                        with trio.CancelScope(shield=True):
-                            await reader.aclose()
-                    t2 = time.monotonic()
-                dr.warnings += stack.left_behind()
-                dr.ok = True
-                dr.read_seconds = round(t2 - t1, 3)
-                log.debug(
-                    "VM %s disk %s: staged in %.2fs, read %d bytes in %.2fs (%.0f MB/s), "
-                    "released in %.2fs", vm.name, dr.label, t1 - t0, dr.bytes_read, t2 - t1,
-                    dr.bytes_read / max(t2 - t1, 1e-9) / 1e6, time.monotonic() - t2,
-                )
-            except (AhvBackupError, BaseExceptionGroup) as err:
-                errors = our_errors(err)
-                if errors is None:
-                    raise
-                dr.error = "; ".join(dict.fromkeys(str(e) for e in errors))
-                log.error("VM %s disk %s: %s", vm.name, dr.label, dr.error)
-            rt.hooks.disk_finished(
-                job_id=rt.job_id, vm_name=vm.name, disk=dr.label, ok=dr.ok,
-                bytes_read=dr.bytes_read, bytes_stored=dr.bytes_stored,
+                    dr.bytes_stored = await self._stream_disk(
+                        w, disk, plan, _noting(regions, changed), reader, dr)
+                    if plan.kind != "full" and self.cfg.verify_unchanged_sample > 0:
+                        await self._trust_check(vm, disk, plan, reader, changed, dr)
+                t2 = time.monotonic()
+            dr.warnings += stack.left_behind()
+            dr.ok = True
+            dr.read_seconds = round(t2 - t1, 3)
+            log.debug(
+                "VM %s disk %s: staged in %.2fs, read %d bytes in %.2fs (%.0f MB/s), "
+                "released in %.2fs", vm.name, dr.label, t1 - t0, dr.bytes_read, t2 - t1,
+                dr.bytes_read / max(t2 - t1, 1e-9) / 1e6, time.monotonic() - t2,
             )
-            rt.hooks.measure(
-                {"mode": self.cfg.mode, "vm": vm.name, "disk": dr.label, "kind": dr.kind,
-                 "outcome": "ok" if dr.ok else "failed"},
-                disk_bytes_read=dr.bytes_read, disk_bytes_stored=dr.bytes_stored,
-                disk_zero_bytes=dr.zero_bytes, disk_read_seconds=dr.read_seconds,
-            )
-        finally:
-            slots.release()
+        except (AhvBackupError, BaseExceptionGroup) as err:
+            errors = our_errors(err)
+            if errors is None:
+                raise
+            dr.error = "; ".join(dict.fromkeys(str(e) for e in errors))
+            log.error("VM %s disk %s: %s", vm.name, dr.label, dr.error)
+        rt.hooks.disk_finished(
+            job_id=rt.job_id, vm_name=vm.name, disk=dr.label, ok=dr.ok,
+            bytes_read=dr.bytes_read, bytes_stored=dr.bytes_stored,
+        )
+        rt.hooks.measure(
+            {"mode": self.cfg.mode, "vm": vm.name, "disk": dr.label, "kind": dr.kind,
+             "outcome": "ok" if dr.ok else "failed"},
+            disk_bytes_read=dr.bytes_read, disk_bytes_stored=dr.bytes_stored,
+            disk_zero_bytes=dr.zero_bytes, disk_read_seconds=dr.read_seconds,
+        )
 
     async def _trust_check(
-        self, vm: VmInfo, disk: DiskSnapshot, plan: DiskPlan, reader: Any,
+        self, vm: VmInfo, disk: DiskSnapshot, plan: DiskPlan, reader: DiskReader,
         changed: list[tuple[int, int]], dr: DiskResult,
     ) -> None:
         """verify_unchanged_sample: re-read a random sample of what change tracking called
@@ -486,11 +483,11 @@ class BackupJob:
                      "reference backup", vm.name, dr.label, dr.sampled_bytes)
 
     async def _stream_disk(
-        self, session: HypervisorSession, datapath: DataPath, vm: VmInfo, snap: VmSnapshot,
-        disk: DiskSnapshot, plan: DiskPlan, regions: AsyncIterator[Region], reader: Any,
-        writer: BackupWriter, dr: DiskResult, backup_id: str,
+        self, w: _VmWork, disk: DiskSnapshot, plan: DiskPlan, regions: AsyncIterator[Region],
+        reader: DiskReader, dr: DiskResult,
     ) -> int:
-        chunk_size = min(datapath.read_size(), MAX_DATA_LENGTH)
+        vm, snap, backup_id = w.vm, w.snap, w.backup_id
+        chunk_size = min(w.datapath.read_size(), MAX_DATA_LENGTH)
         inflight = max(2, min(8, READ_WINDOW // chunk_size))
         chunks_send, chunks_recv = trio.open_memory_channel[Chunk](0)
         # unbuffered: the encoder recycles a buffer once the sink asked for the next item
@@ -528,7 +525,7 @@ class BackupJob:
                 )
             )
             nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk, on_end)
-            stored = await writer.write_disk(dr.label, _iterate(bytes_recv))
+            stored = await w.writer.write_disk(dr.label, _iterate(bytes_recv))
         return stored
 
     async def _stream_id(self, backup: StoredBackup, entry: DiskEntry) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from ..drivers import StoredBackup
+from ..drivers import BackupWriter, StoredBackup
 from ..errors import ConfigError, StreamFormatError
 from ..manifest import DiskEntry
 from ..model import VmInfo
@@ -50,7 +50,7 @@ class ConsolidateOutcome:
 
 class ConsolidateJob:
     def __init__(self, rt: Runtime, backup: StoredBackup) -> None:
-        if not hasattr(rt.sink, "begin_replace"):
+        if not rt.sink.manages_backups:
             raise ConfigError(
                 f"sink: {rt.config.sink!r} cannot consolidate (only the directory repository can)"
             )
@@ -70,9 +70,7 @@ class ConsolidateJob:
             return out
         vm = VmInfo(uuid=backup.vm_uuid, name=backup.vm_name, cluster_uuid="",
                     cluster_name="", disks=())
-        writer = await rt.sink.begin_replace(  # type: ignore[attr-defined]
-            vm, backup_id=backup.backup_id, level="full"
-        )
+        writer = await rt.sink.begin_replace(vm, backup_id=backup.backup_id, level="full")
         rewritten: dict[str, DiskEntry] = {}
         try:
             for entry in entries:
@@ -102,7 +100,7 @@ class ConsolidateJob:
         out.seconds = time.monotonic() - started
         return out
 
-    async def _write_synthetic(self, writer: Any, links: list[Link]) -> tuple[int, str]:
+    async def _write_synthetic(self, writer: BackupWriter, links: list[Link]) -> tuple[int, str]:
         """Write the chain's image as one full stream, produced in a worker thread; returns
         the bytes stored and the stream's digest."""
         send, recv = trio.open_memory_channel[bytes](4)
@@ -152,7 +150,7 @@ class ConsolidateJob:
                 stored: int = await writer.write_disk(tip.label, items())
         return stored, digest[0]
 
-    def _compare(self, writer: Any, links: list[Link]) -> None:
+    def _compare(self, writer: BackupWriter, links: list[Link]) -> None:
         """Read the new stream back in full (digest included) and compare it, range by range,
         with the chain it replaces."""
         label = links[-1].label
@@ -190,7 +188,7 @@ class ConsolidateJob:
         removed = []
         for b in reversed(backups):
             if b.backup_id in candidates and b.backup_id not in protected:
-                await rt.sink.remove(b)  # type: ignore[attr-defined]
+                await rt.sink.remove(b)
                 removed.append(b.backup_id)
                 log.info("consolidation: removed backup %s (now part of %s)", b.backup_id,
                          self.backup.backup_id)

@@ -57,8 +57,7 @@ async def apply_retention(
     rt: Runtime, *, vm_uuid: str, keep_fulls: int, keep_days: int, now: float | None = None
 ) -> list[str]:
     """Remove the VM's backups the rules let go; returns their ids (newest first)."""
-    remove = getattr(rt.sink, "remove", None)
-    if remove is None or not (keep_fulls or keep_days):
+    if not rt.sink.manages_backups or not (keep_fulls or keep_days):
         return []
     backups = await rt.sink.backups(vm_uuid)
     if not backups:
@@ -79,7 +78,7 @@ async def apply_retention(
     protected = needed(by_id, [*kept, *state_roots(rt, vm_uuid)])
     doomed = [b for b in reversed(backups) if b.backup_id in expired - protected]
     for b in doomed:
-        await remove(b)
+        await rt.sink.remove(b)
         log.info("retention: removed backup %s of %s (created %s)", b.backup_id, b.vm_name,
                  time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(b.created)))
     return [b.backup_id for b in doomed]

@@ -3,8 +3,8 @@
 The hypervisor stages the disk (`HypervisorSession.stage_iscsi`: a VG cloned from the snapshot
 disk, our IQN attached, each step on the cleanup ledger first); this module discovers the target
 on the portal, logs in, checks the LUN is as large as the API said, and reads with several
-commands in flight. The session lives in a trio system task so that `open` can return a reader
-that the job closes later (logout), whichever task it reads from.
+commands in flight. The session lives in the job's own task, for the `async with` block of
+`open`, and logs out when the block ends.
 """
 
 from __future__ import annotations
@@ -15,17 +15,18 @@ import logging
 import re
 import secrets
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
-
-import trio
 
 from ahvbackup.core.drivers import DataPath, DiskReader, HypervisorSession, IscsiSource
 from ahvbackup.core.errors import DataPathError
 from ahvbackup.core.ledger import ReleaseStack
 from ahvbackup.core.model import DiskSnapshot
 
-from .initiator import IscsiSession, discover
+from .errors import IscsiConnectionError, IscsiTargetNotOffered
+from .initiator import DiscoveredTarget, IscsiSession, discover
 from .login import ChapCredentials
 
 log = logging.getLogger("ahvbackup.datapath.iscsi")
@@ -69,65 +70,15 @@ def initiator_iqn(config: Any) -> str:
 
 
 class IscsiDiskReader(DiskReader):
-    """Reads one LUN; `aclose` logs out. Reads need not be block-aligned."""
+    """Reads one LUN of a logged-in session. Reads need not be block-aligned."""
 
-    def __init__(self, source: IscsiSource, *, initiator: str, label: str,
-                 queue_depth: int = QUEUE_DEPTH, max_transfer: int = MAX_TRANSFER) -> None:
-        self.source = source
-        self.size = source.size
+    def __init__(self, session: IscsiSession, *, size: int, label: str) -> None:
+        self._session = session
+        self.size = size
         self.label = label
-        self._initiator = initiator
-        self._queue_depth = queue_depth
-        self._max_transfer = max_transfer
-        self._session: IscsiSession | None = None
-        self._error: BaseException | None = None
-        self._ready = trio.Event()
-        self._closing = trio.Event()
-        self._closed = trio.Event()
-
-    async def start(self) -> None:
-        trio.lowlevel.spawn_system_task(self._host, name=f"iscsi session {self.label}")
-        try:
-            await self._ready.wait()
-        except BaseException:
-            self._closing.set()
-            raise
-        if self._error is not None:
-            raise self._error
-        assert self._session is not None
-        have = self._session.size
-        if have < self.size:
-            await self.aclose()
-            raise DataPathError(
-                f"iscsi: disk {self.label}: LUN {self.source.lun} of {self.source.target_iqn} "
-                f"holds {have} bytes, but the API said the disk has {self.size}; refusing to "
-                "back up a truncated disk")
-
-    async def _host(self) -> None:
-        src = self.source
-        chap = None
-        if src.chap is not None:
-            chap = ChapCredentials(src.chap[0], src.chap[1])
-        try:
-            async with IscsiSession.connect(
-                portal=src.portal, target_iqn=src.target_iqn, initiator_iqn=self._initiator,
-                chap=chap, lun=src.lun, queue_depth=self._queue_depth,
-                max_transfer=self._max_transfer,
-            ) as session:
-                self._session = session
-                self._ready.set()
-                await self._closing.wait()
-        except Exception as err:  # handed to the job's task, which raises it
-            self._error = err
-        finally:
-            self._session = None
-            self._ready.set()
-            self._closed.set()
 
     async def read_into(self, offset: int, buf: memoryview) -> None:
         session = self._session
-        if session is None:
-            raise self._error or DataPathError(f"iscsi: disk {self.label}: session is closed")
         length = len(buf)
         if offset < 0 or offset + length > self.size:
             raise DataPathError(f"iscsi: disk {self.label}: read of {length} bytes at {offset} "
@@ -142,34 +93,49 @@ class IscsiDiskReader(DiskReader):
         await session.read_into(start, memoryview(bounce))
         buf[:] = memoryview(bounce)[offset - start : offset - start + length]
 
-    async def aclose(self) -> None:
-        self._closing.set()
-        with trio.move_on_after(30):
-            await self._closed.wait()
+
+async def _offered(source: IscsiSource, *, initiator: str, label: str) -> DiscoveredTarget:
+    """The disk's target as the portal's discovery lists it; `IscsiTargetNotOffered` when it
+    is not listed or nothing answers there (nothing has been read yet)."""
+    where = f"{source.portal[0]}:{source.portal[1]}"
+    try:
+        found = await discover(source.portal, initiator_iqn=initiator)
+    except IscsiConnectionError as err:
+        raise IscsiTargetNotOffered(
+            f"iscsi: disk {label}: no iSCSI target answers at {where} ({err})") from err
+    match = next((t for t in found if t.iqn == source.target_iqn), None)
+    if match is None:
+        raise IscsiTargetNotOffered(
+            f"iscsi: disk {label}: portal {where} does not offer {source.target_iqn} to "
+            f"{initiator} (offers: {', '.join(t.iqn for t in found) or 'nothing'})")
+    return match
 
 
 class IscsiDataPath(DataPath):
     name = "iscsi"
     summary = "iSCSI through a volume group on the data services IP (user-space initiator)"
 
+    @asynccontextmanager
     async def open(
         self, session: HypervisorSession, disk: DiskSnapshot, *, stack: ReleaseStack
-    ) -> DiskReader:
+    ) -> AsyncIterator[DiskReader]:
         me = initiator_iqn(self.config)
         source = await session.stage_iscsi(disk, initiator_iqn=me, stack=stack)
-        found = await discover(source.portal, initiator_iqn=me)
-        match = next((t for t in found if t.iqn == source.target_iqn), None)
-        if match is None:
-            raise DataPathError(
-                f"iscsi: disk {disk.disk.label}: portal {source.portal[0]}:{source.portal[1]} "
-                f"does not offer {source.target_iqn} to {me} (offers: "
-                f"{', '.join(t.iqn for t in found) or 'nothing'})")
+        match = await _offered(source, initiator=me, label=disk.disk.label)
         if match.portals:
             host, port, _tpgt = match.portals[0]
             source = IscsiSource(portal=(host, port), target_iqn=source.target_iqn,
                                  lun=source.lun, size=source.size, chap=source.chap)
         log.debug("iscsi: disk %s: %s at %s:%d as %s", disk.disk.label, source.target_iqn,
                   source.portal[0], source.portal[1], me)
-        reader = IscsiDiskReader(source, initiator=me, label=disk.disk.label)
-        await reader.start()
-        return reader
+        chap = ChapCredentials(source.chap[0], source.chap[1]) if source.chap else None
+        async with IscsiSession.connect(
+            portal=source.portal, target_iqn=source.target_iqn, initiator_iqn=me, chap=chap,
+            lun=source.lun, queue_depth=QUEUE_DEPTH, max_transfer=MAX_TRANSFER,
+        ) as iscsi:
+            if iscsi.size < source.size:
+                raise DataPathError(
+                    f"iscsi: disk {disk.disk.label}: LUN {source.lun} of {source.target_iqn} "
+                    f"holds {iscsi.size} bytes, but the API said the disk has {source.size}; "
+                    "refusing to back up a truncated disk")
+            yield IscsiDiskReader(iscsi, size=source.size, label=disk.disk.label)
