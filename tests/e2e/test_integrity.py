@@ -165,13 +165,10 @@ async def test_an_edited_manifest_fails_verify_naming_the_field_and_restore_refu
     try:
         out = await RestoreJob(rt, await pick_backup(rt, vm=None, backup_id=inc),
                                dest=dest).run()
-    except AhvBackupError as err:
-        assert why in str(err)
-    else:
-        assert not out.ok, "an edited manifest restored"
-        assert any(why in (d.error or "") for d in out.disks)
-        assert [d.path for d in out.disks if d.ok] == [d.path for d in out.disks if d.ok
-                                                       and d.label != "scsi.0"]
+        refusals = [d.error or "" for d in out.disks if not d.ok]
+    except AhvBackupError as err:  # refused before any disk was opened
+        refusals = [str(err)]
+    assert refusals and any(why in r for r in refusals), refusals
     # nothing half-written is left looking like a restored disk of the damaged point
     leftovers = [p for p in dest.rglob("scsi.0.raw")] if dest.exists() else []
     assert leftovers == []

@@ -44,7 +44,7 @@ if TYPE_CHECKING:  # config imports the plugin loader, which imports this module
     from .config import Config
 
 
-class Driver(abc.ABC):
+class Driver(abc.ABC):  # noqa: B024 - each driver kind below adds its abstract methods
     """Base of every driver. Subclasses set `name`; `config_schema` is optional."""
 
     #: the entry-point name that selects this driver (`data_path=rest` selects `name == "rest"`)

@@ -3,9 +3,9 @@
 Hooks are synchronous and cheap: they observe, they do not do the work (async work lives in
 driver methods; pluggy cannot await on trio). They are always called with keyword arguments,
 through `ahvbackup.core.plugins.Hooks`, never through `pm.hook` directly (pluggy matches
-arguments by name, and cannot see keyword-only parameters, so specs use plain ones). A plugin implements
-any subset with `@ahvbackup.core.hookimpl` and registers under the `ahvbackup.hooks`
-entry-point group.
+arguments by name, and cannot see keyword-only parameters, so specs use plain ones). A plugin
+implements any subset with `@ahvbackup.core.hookimpl` and registers under the
+`ahvbackup.hooks` entry-point group.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def ahvbackup_disk_finished(
 
 
 @hookspec
-def ahvbackup_snapshot_created(job_id: str, vm_uuid: str, snapshot_id: str, consistency: str) -> None:
+def ahvbackup_snapshot_created(
+    job_id: str, vm_uuid: str, snapshot_id: str, consistency: str
+) -> None:
     """A snapshot or recovery point exists on the cluster; `consistency` crash or application."""
 
 

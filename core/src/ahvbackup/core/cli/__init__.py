@@ -9,10 +9,7 @@ from __future__ import annotations
 
 __all__ = ["Context", "cli", "emit", "main", "pass_context"]
 
-import json
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import click
@@ -20,26 +17,7 @@ import click
 from .. import __version__
 from ..errors import AhvBackupError, ExitCode
 from ..plugins import Hooks, installed_plugins
-
-
-@dataclass
-class Context:
-    """What every subcommand gets: output mode, verbosity and the hook facade."""
-
-    json: bool = False
-    verbose: int | None = None
-    hooks: Hooks = field(default_factory=Hooks)
-
-
-pass_context = click.make_pass_decorator(Context)
-
-
-def emit(ctx: Context, data: Any, human: Callable[[Any], str] | None = None) -> None:
-    """Print `data` as JSON under --json, else as the human rendering."""
-    if ctx.json:
-        click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-    else:
-        click.echo(human(data) if human else str(data))
+from .context import Context, emit, pass_context
 
 
 class _Group(click.Group):

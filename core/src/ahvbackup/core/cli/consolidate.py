@@ -14,7 +14,7 @@ from ..jobs.consolidate import ConsolidateJob, ConsolidateOutcome
 from ..jobs.restore import pick_backup
 from ..jobs.retention import apply_retention
 from ..jobs.runtime import Runtime
-from . import Context, emit, pass_context
+from .context import Context, emit, pass_context
 from .options import config_options, load_job_config, run_trio
 
 

@@ -14,7 +14,7 @@ from ..drivers import DamagedBackup
 from ..errors import ConfigError, JobError, StreamFormatError
 from ..jobs.restore import RestoreJob, RestoreOutcome, VerifyJob, parse_time, pick_backup
 from ..jobs.runtime import Runtime
-from . import Context, emit, pass_context
+from .context import Context, emit, pass_context
 from .options import config_options, load_job_config, refuse_hosted_sink, run_trio
 from .progress import Meter
 

@@ -234,10 +234,7 @@ class BackupJob:
                 await each_limited(
                     zip(wanted, vr.disks, strict=True), cfg.concurrent_disks,
                     lambda pair: self._disk(work, pair[0], plans[pair[0].disk.uuid], pair[1]))
-                failed = [d.label for d in vr.disks if not d.ok]
-                if failed:
-                    vr.error = f"disk(s) {', '.join(failed)} failed; no backup of this VM was kept"
-                    raise _VmFailed(vr.error)
+                _all_disks_ok(vr)
                 for dr in vr.disks:
                     vr.warnings += dr.warnings
                 removed = self._removed_disks(vm, old_state)
@@ -613,3 +610,11 @@ async def _iterate(
 
 class _VmFailed(AhvBackupError):
     pass
+
+
+def _all_disks_ok(vr: VmResult) -> None:
+    """A VM is kept only whole: one failed disk fails it (and its backup is not committed)."""
+    failed = [d.label for d in vr.disks if not d.ok]
+    if failed:
+        vr.error = f"disk(s) {', '.join(failed)} failed; no backup of this VM was kept"
+        raise _VmFailed(vr.error)

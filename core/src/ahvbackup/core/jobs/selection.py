@@ -1,4 +1,5 @@
-"""Which VMs a job touches: `vm=` (UUIDs, exact names, globs, comma lists), `exclude=`, `cluster=`."""
+"""Which VMs a job touches: `vm=` (UUIDs, exact names, globs, comma lists), `exclude=`,
+`cluster=`."""
 
 from __future__ import annotations
 
