@@ -17,10 +17,11 @@ from ahvbackup.core.jobs.runtime import Runtime
 async def test_a_500_on_the_image_delete_is_retried_and_the_job_ends_clean(
         world: World) -> None:
     world.add_vm("r", [(4 * MiB, [(0, MiB)])])
-    world.sim.faults.add(method="DELETE", path=r"/images/", status=500, count=3)
+    rule = world.sim.faults.add(method="DELETE", path=r"/images/", status=500, count=3)
     rt = Runtime.from_config(world.config(vm="r", data_path="rest"))
     result = await BackupJob(rt).run()
     assert result.ok, result.failed
+    assert rule.hits == 3
     assert world.sim.images == {}
     assert not list((world.tmp / "state" / "ledger").glob("*.json"))
     assert not [w for v in result.vms for w in v.warnings if "left on the cluster" in w]
