@@ -324,12 +324,16 @@ class Backend:
 
 
 def job_fields(kind: str = "B", *, level: str = "F", where: str | None = None,
-               job_id: int = 7) -> dict[str, str | int]:
-    """The Job block the 13.x metaplugin sends (docs/bacula.md Part C)."""
+               job_id: int = 7, bacula: str = "13") -> dict[str, str | int]:
+    """The Job block the 13.x metaplugin sends (docs/bacula.md Part C); ``bacula="15"``: the
+    15.0.3 one, which ends with the file daemon's WorkingDir, SysconfigPath and ExePath."""
     fields: dict[str, str | int] = {"Name": f"demo-{kind}", "JobID": job_id, "Type": kind}
     if kind in "BE":
         fields.update(Level=level, Since=0)
     if where is not None:
         fields.update(Where=where, Replace="a")
     fields["Namespace"] = "@ahvbackup"
+    if bacula == "15":
+        fields.update(WorkingDir="/var/lib/bacula", SysconfigPath="/etc/bacula",
+                      ExePath="/usr/sbin")
     return fields

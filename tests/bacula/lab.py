@@ -52,12 +52,12 @@ def listening(port: int) -> bool:
     return False
 
 
-def catalog_sql() -> str:
+def catalog_sql(script: Path = TABLES_SCRIPT) -> str:
     """The CREATE statements of Debian's make_sqlite3_tables (its here-document)."""
-    text = TABLES_SCRIPT.read_text()
+    text = script.read_text()
     m = re.search(r"<<END-OF-DATA\n(.*?)\nEND-OF-DATA", text, re.S)
     if not m:
-        raise RuntimeError(f"{TABLES_SCRIPT}: no END-OF-DATA here-document found")
+        raise RuntimeError(f"{script}: no END-OF-DATA here-document found")
     return m.group(1)
 
 
@@ -87,6 +87,14 @@ class BaculaLab:
     password: str = field(default_factory=lambda: secrets.token_hex(16))
     ports: list[int] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # another Bacula than Debian's (lab15.py): its table script, query file, plugin folder,
+    # and the environment of every daemon and bconsole (None: ours); `fd_env` is added to the
+    # file daemons' environment only
+    tables_script: Path = TABLES_SCRIPT
+    query_file: Path = QUERY_FILE
+    plugin_dir: Path = PLUGIN_DIR
+    env: dict[str, str] | None = None
+    fd_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.ports:
@@ -180,7 +188,7 @@ Director {{
   Name = lab-dir
   DIRport = {self.dir_port}
   DirAddress = 127.0.0.1
-  QueryFile = "{QUERY_FILE}"
+  QueryFile = "{self.query_file}"
   WorkingDirectory = "{work}"
   PidDirectory = "{root}/pids"
   Maximum Concurrent Jobs = 5
@@ -251,7 +259,7 @@ Storage {{
   SDAddress = 127.0.0.1
   WorkingDirectory = "{work}"
   Pid Directory = "{root}/pids"
-  Plugin Directory = "{PLUGIN_DIR}"
+  Plugin Directory = "{self.plugin_dir}"
   Maximum Concurrent Jobs = 20
 }}
 Director {{ Name = lab-dir; Password = "{pw}-sd" }}
@@ -264,7 +272,7 @@ FileDaemon {{
   FDAddress = 127.0.0.1
   WorkingDirectory = "{work}"
   Pid Directory = "{root}/pids"
-  Plugin Directory = "{PLUGIN_DIR}"
+  Plugin Directory = "{self.plugin_dir}"
   Maximum Concurrent Jobs = 20
 }}
 Director {{ Name = lab-dir; Password = "{pw}-fd" }}
@@ -283,7 +291,7 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
 
     def make_catalog(self) -> None:
         with sqlite3.connect(self.catalog) as db:
-            db.executescript(catalog_sql())
+            db.executescript(catalog_sql(self.tables_script))
         db.close()
 
     # daemons --------------------------------------------------------------------------
@@ -297,7 +305,7 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
             exe = self.programs["bacula-fd" if d.startswith("fd") else f"bacula-{d}"]
             conf = self.etc / f"bacula-{d}.conf"
             test = subprocess.run([exe, "-t", "-c", str(conf)], capture_output=True,
-                                  text=True, timeout=60, check=False)
+                                  text=True, timeout=60, check=False, env=self._env(d))
             if test.returncode != 0:
                 raise RuntimeError(f"bacula-{d} -t refused {conf}: {test.stdout}{test.stderr}")
         for d in daemons:
@@ -306,7 +314,7 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
             with (self.root / "log" / f"{d}.out").open("wb") as out:
                 self.procs[d] = subprocess.Popen(
                     [exe, "-f", "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=out,
-                    stderr=subprocess.STDOUT, start_new_session=True)
+                    stderr=subprocess.STDOUT, start_new_session=True, env=self._env(d))
         deadline = time.monotonic() + timeout
         for d, port in daemons.items():
             while not listening(port):
@@ -316,6 +324,14 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"bacula-{d} does not listen on {port}")
                 time.sleep(0.05)
+
+    def _env(self, daemon: str) -> dict[str, str] | None:
+        if self.env is None and not (self.fd_env and daemon.startswith("fd")):
+            return None
+        env = dict(os.environ if self.env is None else self.env)
+        if daemon.startswith("fd"):
+            env.update(self.fd_env)
+        return env
 
     @staticmethod
     def _fd(n: int) -> str:
@@ -355,7 +371,7 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
         done = subprocess.run(
             [self.programs["bconsole"], "-n", "-c", str(self.etc / "bconsole.conf")],
             input=commands if commands.endswith("\n") else commands + "\n",
-            capture_output=True, text=True, timeout=timeout, check=False)
+            capture_output=True, text=True, timeout=timeout, check=False, env=self.env)
         return done.stdout + done.stderr
 
     def run_job(self, command: str, *, timeout: float = 120.0) -> JobResult:
@@ -376,6 +392,15 @@ Messages {{ Name = Standard; director = lab-dir = all, !skipped, !restored }}
         if row is None:
             raise RuntimeError(f"job {job_id} is not in the catalog")
         return JobResult(job_id, row[0], int(row[1]), int(row[2]), int(row[3]))
+
+    def restore_objects(self, job_id: int) -> int:
+        """How many restore objects the job stored (counted in JobFiles: Bacula 13+ saves the
+        plugin's restore options with each plugin line of a Full; 9.6 none)."""
+        with sqlite3.connect(f"file:{self.catalog}?mode=ro", uri=True) as db:
+            (n,) = db.execute("select count(*) from RestoreObject where JobId = ?",
+                              (job_id,)).fetchone()
+        db.close()
+        return int(n)
 
     def job_row(self, job_id: int) -> dict[str, object]:
         """The catalog's Job row with the client's name (``Client``)."""
