@@ -136,12 +136,15 @@ def stream(kind: str, backup_id: str, writes: dict[int, bytes], *, ref: str = ""
 
 
 def apply(dest: Path, data: bytes, *, piece: int = 1000) -> Path:
-    applier = StreamApplier(target=RawTarget(None), dest=dest, name="test")
-    for start in range(0, len(data), piece):  # arbitrary piece sizes, like D packets
-        applier.feed(data[start : start + piece])
-    out = applier.finish()
-    assert out.path is not None
-    return out.path
+    async def run() -> Path:
+        applier = StreamApplier(target=RawTarget(None), dest=dest, name="test")
+        for start in range(0, len(data), piece):  # arbitrary piece sizes, like D packets
+            await applier.feed(data[start : start + piece])
+        out = await applier.finish()
+        assert out.path is not None
+        return out.path
+
+    return trio.run(run)
 
 
 def test_a_chain_applies_in_order_and_refuses_out_of_order(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ahvbackup.core.containment import ContainmentError, open_inside, safe_name
+from ahvbackup.core.drivers import RestoreRequest
 from ahvbackup.core.model import DiskInfo
 from ahvbackup.targets.raw import RawTarget
 
@@ -46,33 +47,35 @@ def test_a_path_component_that_leaves_is_refused(tmp_path: Path, parts: list[str
     assert [p.name for p in tmp_path.iterdir()] in ([], ["dest"])
 
 
-def test_a_symlink_planted_in_the_destination_is_not_followed(tmp_path: Path) -> None:
+async def test_a_symlink_planted_in_the_destination_is_not_followed(tmp_path: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "scsi.0.raw").write_bytes(b"precious")
     dest = tmp_path / "dest"
     dest.mkdir()
     (dest / "web").symlink_to(outside)  # a folder link
-    target = RawTarget(None)
     disk = DiskInfo(uuid="d", bus="scsi", index=0, size=4096)
-    with pytest.raises(ContainmentError, match="symlink"):
-        target.open_disk(vm_name="web", disk=disk, size=4096, dest=dest)
-    (dest / "db").mkdir()
-    (dest / "db" / "scsi.0.raw").symlink_to(outside / "scsi.0.raw")  # a file link
-    with pytest.raises(ContainmentError, match="symlink"):
-        target.open_disk(vm_name="db", disk=disk, size=4096, dest=dest)
+    for vm_name in ("web", "db"):
+        if vm_name == "db":
+            (dest / "db").mkdir()
+            (dest / "db" / "scsi.0.raw").symlink_to(outside / "scsi.0.raw")  # a file link
+        vm = await RawTarget(None).begin_vm(RestoreRequest(vm_name=vm_name, dest=dest),
+                                            cluster=None)
+        with pytest.raises(ContainmentError, match="symlink"):
+            await vm.open_disk(disk, size=4096)
     assert (outside / "scsi.0.raw").read_bytes() == b"precious"
 
 
-def test_raw_target_keeps_hostile_vm_names_inside_dest(tmp_path: Path) -> None:
+async def test_raw_target_keeps_hostile_vm_names_inside_dest(tmp_path: Path) -> None:
     dest = tmp_path / "dest"
-    target = RawTarget(None)
     disk = DiskInfo(uuid="d", bus="scsi", index=0, size=512)
     paths = []
     for name in HOSTILE:
-        w = target.open_disk(vm_name=name, disk=disk, size=512, dest=dest)
-        w.write_at(0, b"x")
-        paths.append(Path(w.close()))
+        vm = await RawTarget(None).begin_vm(RestoreRequest(vm_name=name, dest=dest),
+                                            cluster=None)
+        w = await vm.open_disk(disk, size=512)
+        await w.write(0, memoryview(b"x"))
+        paths.append(Path(await w.finish()))
     for p in paths:
         assert p.resolve().parent.parent == dest.resolve()
     assert len(set(paths)) == len(HOSTILE)  # no two VMs share an image

@@ -40,11 +40,11 @@ def test_driver_contract_check_names_the_broken_rule() -> None:
     class Incomplete(RestoreTarget):
         name = "half"
 
-    with pytest.raises(AssertionError, match="abstract methods unimplemented: open_disk"):
+    with pytest.raises(AssertionError, match="abstract methods unimplemented: begin_vm"):
         check_driver_class(Incomplete, kind="target")
 
     class Nameless(RestoreTarget):
-        def open_disk(self, **kw: object) -> Any:
+        async def begin_vm(self, *a: object, **kw: object) -> Any:
             raise NotImplementedError
 
     with pytest.raises(AssertionError, match="non-empty `name`"):

@@ -13,7 +13,7 @@ image is removed, so nothing partial is passed off as restored.
 
 from __future__ import annotations
 
-__all__ = ["AppliedStream", "StreamApplier", "apply_blocking", "chain_file"]
+__all__ = ["AppliedStream", "StreamApplier", "apply_stream", "chain_file"]
 
 import json
 import logging
@@ -21,12 +21,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ahvbackup.core.drivers import DiskWriter, RestoreTarget
-from ahvbackup.core.errors import StreamFormatError, TargetError
+import trio
+
+from ahvbackup.core.drivers import DiskWriter, RestoreRequest, RestoreTarget, VmRestore
+from ahvbackup.core.errors import ConfigError, StreamFormatError, TargetError
 from ahvbackup.core.fsutil import atomic_write_json
 from ahvbackup.core.model import DiskInfo
 from ahvbackup.core.stream import Decoder, Record, StreamHeader, Trailer
-from ahvbackup.targets.raw import RawDiskWriter, image_parts
+from ahvbackup.targets.raw import RawDiskWriter, RawImage, image_parts
 
 log = logging.getLogger("ahvbackup.bacula.restore")
 
@@ -50,25 +52,30 @@ class AppliedStream:
 
 
 class StreamApplier:
-    """Feed a stream's bytes in any pieces (`feed`), then `finish`. Blocking file writes."""
+    """Feed a stream's bytes in any pieces (`feed`), then `finish`; `abort` on any failure."""
 
     def __init__(self, *, target: RestoreTarget, dest: Path, vm_name: str | None = None,
                  name: str = "") -> None:
         """Images go where `target` puts them under `dest` (raw: ``<dest>/<vm>/<label>.raw``);
         `vm_name` overrides the VM folder name (default: the name in the stream)."""
+        if target.needs_cluster:
+            raise ConfigError(f"target: {target.name!r} restores to a cluster, which this "
+                              "version does not do through Bacula yet (restore to files, "
+                              "then import)")
         self.target = target
         self.dest = dest
         self.vm_name = vm_name
         self.decoder = Decoder(name=name)
         self.out = AppliedStream()
         self._pending = bytearray()
+        self._vm: VmRestore | None = None  # a full's own restore (an incremental has none)
         self._writer: DiskWriter | None = None
+        self._image: RawImage | None = None  # an incremental's image, which its chain left
         self._chain: list[str] = []
-        self._image: Path | None = None
         self._failed = False
 
     # feeding ----------------------------------------------------------------------------
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
+    async def feed(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data).cast("B")
         try:
             while view:
@@ -80,16 +87,16 @@ class StreamApplier:
                     self._pending += view[:take]
                     view = view[take:]
                     if len(self._pending) == want:
-                        self._handle(self.decoder.take(self._pending))
+                        await self._handle(self.decoder.take(self._pending))
                         self._pending = bytearray()
                 else:
-                    self._handle(self.decoder.take(view[:want]))
+                    await self._handle(self.decoder.take(view[:want]))
                     view = view[want:]
         except BaseException:
-            self.abort()
+            await self.abort()
             raise
 
-    def finish(self) -> AppliedStream:
+    async def finish(self) -> AppliedStream:
         """End of input: the stream must be complete; the image is closed and recorded."""
         try:
             if self.decoder.want:
@@ -97,10 +104,12 @@ class StreamApplier:
             if self._writer is None:
                 raise StreamFormatError(  # noqa: TRY301 - abort() below must run for it too
                     f"{self.decoder.name}: the stream is empty")
-            path = Path(self._writer.close())
-            self._writer = None
+            path = Path(await self._writer.finish())
+            if self._vm is not None:
+                await self._vm.commit()
+            self._writer = self._vm = self._image = None
         except BaseException:
-            self.abort()
+            await self.abort()
             raise
         h = self.decoder.header
         assert h is not None
@@ -113,46 +122,52 @@ class StreamApplier:
         self.out.backup_ids = list(self._chain)
         return self.out
 
-    def abort(self) -> None:
+    async def abort(self) -> None:
         """Remove what this stream was writing (a full's new image; an incremental's image,
         which is no longer the earlier point and not yet the new one)."""
         if self._failed:
             return
         self._failed = True
-        if self._writer is not None:
-            path = Path(self._writer.close())
-            self._writer = None
-            path.unlink(missing_ok=True)
-            chain_file(path).unlink(missing_ok=True)
-            log.error("%s: restore failed; removed %s", self.decoder.name, path)
+        with trio.CancelScope(shield=True):
+            if self._vm is not None:
+                await self._vm.abort()
+                log.error("%s: restore failed; its image was removed", self.decoder.name)
+            elif self._image is not None:
+                path = await trio.to_thread.run_sync(self._image.close)
+                path.unlink(missing_ok=True)
+                chain_file(path).unlink(missing_ok=True)
+                log.error("%s: restore failed; removed %s", self.decoder.name, path)
+        self._writer = self._vm = self._image = None
 
     # decoded items ------------------------------------------------------------------------
-    def _handle(self, item: StreamHeader | Record | Trailer | None) -> None:
+    async def _handle(self, item: StreamHeader | Record | Trailer | None) -> None:
         if isinstance(item, StreamHeader):
-            self._open(item)
+            await self._open(item)
         elif isinstance(item, Record):
             assert self._writer is not None
             if item.data is not None:
-                self._writer.write_at(item.offset, item.data)
+                await self._writer.write(item.offset, item.data)
                 self.out.data_bytes += item.length
             else:
-                self._writer.zero(item.offset, item.length)
+                await self._writer.zero(item.offset, item.length)
                 self.out.zero_bytes += item.length
         elif isinstance(item, Trailer):
             self.out.digest = item.digest_hex
 
-    def _open(self, h: StreamHeader) -> None:
+    async def _open(self, h: StreamHeader) -> None:
         vm = self.vm_name or h.vm_name or h.vm_uuid
         self.out.kind, self.out.vm_name, self.out.label = h.kind, vm, h.disk_label
         disk = DiskInfo(uuid=h.disk_uuid, bus=h.disk_bus or "scsi", index=h.disk_index,
                         size=h.disk_size)
         if h.kind == "full":
-            self._writer = self.target.open_disk(vm_name=vm, disk=disk, size=h.disk_size,
-                                                 dest=self.dest)
+            self._vm = await self.target.begin_vm(RestoreRequest(vm_name=vm, dest=self.dest),
+                                                  cluster=None)
+            self._writer = await self._vm.open_disk(disk, size=h.disk_size)
             return
         parts = image_parts(vm, disk.label)
         self._chain = self._check_chain(h, self.dest.joinpath(*parts))
-        self._writer = RawDiskWriter(self.dest, parts, None)  # the image its chain left
+        self._image = await trio.to_thread.run_sync(RawImage, self.dest, parts, None)
+        self._writer = RawDiskWriter(self._image)
 
     def _check_chain(self, h: StreamHeader, image: Path) -> list[str]:
         what = f"{h.kind} stream of {h.vm_name} {h.disk_label} (backup {h.backup_id})"
@@ -181,11 +196,12 @@ class StreamApplier:
         return applied
 
 
-def apply_blocking(applier: StreamApplier, read: Callable[[int], bytes], *,
-                   block: int = 1 << 20) -> AppliedStream:
-    """Apply everything `read` returns until it returns b'' (a pipe, a file)."""
+async def apply_stream(applier: StreamApplier, read: Callable[[int], bytes], *,
+                       block: int = 1 << 20) -> AppliedStream:
+    """Apply everything `read` returns (blocking reads, in a worker thread) until it returns
+    b'' (a pipe, a file)."""
     while True:
-        data = read(block)
+        data = await trio.to_thread.run_sync(read, block)
         if not data:
-            return applier.finish()
-        applier.feed(data)
+            return await applier.finish()
+        await applier.feed(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackupWriter",
+    "ClusterAccess",
     "DataPath",
     "DiskReader",
     "DiskWriter",
@@ -21,9 +22,11 @@ __all__ = [
     "Hypervisor",
     "HypervisorSession",
     "IscsiSource",
+    "RestoreRequest",
     "RestoreTarget",
     "Sink",
     "StoredBackup",
+    "VmRestore",
 ]
 
 import abc
@@ -297,27 +300,78 @@ class Sink(Driver):
 # Restore target --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class RestoreRequest:
+    """One VM to restore, as the target sees it."""
+
+    vm_name: str  # the backed-up VM's name (file targets make a folder of it, safely)
+    dest: Path  # the folder for local files (`--dest`, Bacula's where); cluster targets ignore it
+    #: the point's manifest (the VM's configuration, its disks), when known before the disks
+    #: are (a Bacula restore hands the disks first)
+    manifest: Manifest | None = None
+
+
+@dataclass(frozen=True)
+class ClusterAccess:
+    """What a target that creates things on a cluster (`RestoreTarget.needs_cluster`) gets:
+    the hypervisor session, and the stack every remote resource goes on before it is relied
+    on (a killed job's leftovers are then swept by the next run). The job closes the stack
+    after `VmRestore.commit` or `abort`."""
+
+    session: HypervisorSession
+    stack: ReleaseStack
+
+
 class DiskWriter(abc.ABC):
-    """Random-access writes into one restored disk."""
+    """One disk being restored.
+
+    The job calls `write` and `zero` one at a time (each awaited before the next), with ranges
+    in ascending offset order that never overlap and lie inside [0, size). A range that is
+    never given reads as zeros: a new disk is all zeros, so a target may skip `zero` ranges on
+    a disk it created. A `data` view is valid only until the call returns. Then `finish`."""
 
     @abc.abstractmethod
-    def write_at(self, offset: int, data: bytes | memoryview) -> None: ...
+    async def write(self, offset: int, data: memoryview) -> None: ...
 
     @abc.abstractmethod
-    def zero(self, offset: int, length: int) -> None: ...
+    async def zero(self, offset: int, length: int) -> None: ...
 
     @abc.abstractmethod
-    def close(self) -> Path | str:
-        """Finish the disk; returns where it is (a path, or a cluster object id)."""
+    async def finish(self) -> str:
+        """Every range was given: make the disk durable; returns where it is (a path, or a
+        cluster object's id)."""
+
+
+class VmRestore(abc.ABC):
+    """One VM being restored: its disks (opened one or several at a time, each by its own task),
+    then `commit` once every disk finished, or `abort`."""
+
+    @abc.abstractmethod
+    async def open_disk(self, disk: DiskInfo, *, size: int) -> DiskWriter:
+        """A writer for `disk`, restored at `size` bytes."""
+
+    @abc.abstractmethod
+    async def commit(self) -> str:
+        """Make the restored VM real (files are complete; a VM is created, powered on if asked);
+        returns where it is (a folder, a VM's id)."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Remove everything this restore made, at whatever step it failed: no partial file,
+        image, volume group or VM is left. Safe to call more than once."""
 
 
 class RestoreTarget(Driver):
-    """Receives reconstructed disks (raw file, qcow2, vmdk, vhdx, vhd, an AHV cluster)."""
+    """Receives restored VMs (raw files, qcow2, vmdk, vhdx, vhd, an AHV cluster)."""
 
     kind: ClassVar[str] = "target"
+    #: creates things on a cluster: the job opens a hypervisor session for `begin_vm`
+    needs_cluster: ClassVar[bool] = False
 
     @abc.abstractmethod
-    def open_disk(self, *, vm_name: str, disk: DiskInfo, size: int, dest: Path) -> DiskWriter: ...
+    async def begin_vm(self, request: RestoreRequest, *,
+                       cluster: ClusterAccess | None) -> VmRestore:
+        """Start restoring one VM. `cluster` is given when `needs_cluster` is true, else None."""
 
 
 class DrTransport(Driver):

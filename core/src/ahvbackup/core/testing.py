@@ -11,17 +11,22 @@ Each check raises `AssertionError` with a message naming the driver and the brok
 
 from __future__ import annotations
 
-__all__ = ["check_driver_class", "check_entry_points", "check_hook_plugin"]
+__all__ = ["check_driver_class", "check_entry_points", "check_hook_plugin",
+           "check_restore_target"]
 
 import inspect
+import random
+from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import marshmallow
 import pluggy
 
 from . import hookspecs
-from .drivers import Driver
+from .drivers import Driver, RestoreRequest, RestoreTarget
+from .model import DiskInfo
 from .plugins import DRIVER_KINDS, HOOKS_GROUP, load_driver
 
 
@@ -74,3 +79,75 @@ def check_entry_points() -> list[str]:
         check_hook_plugin(ep.load())
         checked.append(f"{HOOKS_GROUP}:{ep.name}")
     return checked
+
+
+# restore targets ----------------------------------------------------------------------------
+
+#: (location a disk was restored to, the exact bytes it must hold) -> whether it holds them
+Matches = Callable[[str, bytes], bool]
+
+
+def _files_under(dest: Path) -> list[str]:
+    return sorted(str(p) for p in dest.rglob("*") if not p.is_dir()) if dest.exists() else []
+
+
+async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Matches,
+                               leftovers: Callable[[], list[str]] | None = None) -> None:
+    """Hold a restore target to its contract (`RestoreTarget`, `VmRestore`, `DiskWriter`).
+
+    - Two disks, one of an odd size, written with data ranges in disk order, zero ranges and
+      ranges never given between them: each disk's location `matches` the exact image,
+      the two locations differ, and `commit` answers.
+    - `abort` after one disk finished and another was half written leaves nothing
+      (`leftovers`, by default the files under `dest`), and a second `abort` is harmless.
+    - A VM name that climbs out of the destination (``../../x``) still restores inside it.
+
+    A file target passes `dest` (empty) and `matches` reading its file format; a cluster
+    target passes `leftovers` listing what it would leave on the cluster.
+    """
+    label = f"restore target {type(target).__qualname__!r}"
+    left = leftovers or (lambda: _files_under(dest))
+    before = left()
+    sizes = (3 << 20, (1 << 20) + 512)
+    rng = random.Random(7)
+    images = [bytearray(n) for n in sizes]
+    vm = await target.begin_vm(RestoreRequest(vm_name="../../check-vm", dest=dest), cluster=None)
+    where = []
+    for i, size in enumerate(sizes):
+        disk = DiskInfo(uuid=f"check-disk-{i}", bus="scsi", index=i, size=size)
+        writer = await vm.open_disk(disk, size=size)
+        pos = 0
+        for kind, length in (("data", 4096), ("zero", 65536), ("data", 512 << 10),
+                             ("skip", 8192), ("zero", 4096), ("data", 512)):
+            if kind == "data":
+                chunk = rng.randbytes(length)
+                images[i][pos : pos + length] = chunk
+                await writer.write(pos, memoryview(chunk))
+            elif kind == "zero":
+                await writer.zero(pos, length)
+            pos += length
+        where.append(await writer.finish())
+    assert isinstance(await vm.commit(), str), f"{label}: commit must say where the VM is"
+    assert where[0] != where[1], f"{label}: two disks were restored to one place {where[0]}"
+    for i, location in enumerate(where):
+        assert matches(location, bytes(images[i])), \
+            f"{label}: disk {i} at {location} is not the bytes written (zeros where not given)"
+        if not leftovers:
+            assert Path(location).resolve().is_relative_to(dest.resolve()), \
+                f"{label}: {location} is outside the destination {dest}"
+
+    committed = left()
+    aborted = await target.begin_vm(RestoreRequest(vm_name="check-abort", dest=dest),
+                                    cluster=None)
+    done = await aborted.open_disk(DiskInfo(uuid="a0", bus="scsi", index=0, size=1 << 20),
+                                   size=1 << 20)
+    await done.write(0, memoryview(b"x" * 4096))
+    await done.finish()
+    half = await aborted.open_disk(DiskInfo(uuid="a1", bus="scsi", index=1, size=1 << 20),
+                                   size=1 << 20)
+    await half.write(0, memoryview(b"y" * 4096))
+    await aborted.abort()
+    await aborted.abort()  # harmless the second time
+    new = sorted(set(left()) - set(committed))
+    assert new == [], f"{label}: abort left {new}"
+    assert set(before) <= set(committed), f"{label}: a restore removed what was there before"

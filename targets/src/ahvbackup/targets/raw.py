@@ -9,7 +9,7 @@ of data costs 1 GiB on the restore host.
 
 from __future__ import annotations
 
-__all__ = ["RawDiskWriter", "RawTarget", "image_parts", "punch_hole"]
+__all__ = ["RawDiskWriter", "RawImage", "RawTarget", "RawVmRestore", "image_parts", "punch_hole"]
 
 import ctypes
 import ctypes.util
@@ -17,8 +17,16 @@ import errno
 import os
 from pathlib import Path
 
+import trio
+
 from ahvbackup.core.containment import open_inside, safe_name
-from ahvbackup.core.drivers import DiskWriter, RestoreTarget
+from ahvbackup.core.drivers import (
+    ClusterAccess,
+    DiskWriter,
+    RestoreRequest,
+    RestoreTarget,
+    VmRestore,
+)
 from ahvbackup.core.errors import TargetError
 from ahvbackup.core.model import DiskInfo
 
@@ -52,13 +60,13 @@ def image_parts(vm_name: str, label: str) -> tuple[str, str]:
     return safe_name(vm_name), f"{safe_name(label)}.raw"
 
 
-class RawDiskWriter(DiskWriter):
-    """Writes one image; `size=None` opens an existing image as it is (a chain's next link)."""
+class RawImage:
+    """One image file, blocking I/O; `size=None` opens an existing image as it is (the next
+    link of a chain restored job by job)."""
 
     def __init__(self, dest: Path, parts: tuple[str, str], size: int | None) -> None:
         flags = os.O_WRONLY if size is None else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.fd, self.path = open_inside(dest, parts, flags=flags, what="raw target")
-        self.size = size
         try:
             if size is not None:
                 os.ftruncate(self.fd, size)
@@ -77,16 +85,63 @@ class RawDiskWriter(DiskWriter):
         punch_hole(self.fd, offset, length)
 
     def close(self) -> Path:
-        try:
-            os.fsync(self.fd)
-        finally:
-            os.close(self.fd)
+        """fsync and close (once)."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         return self.path
+
+
+class RawDiskWriter(DiskWriter):
+    """The contract's writer over a `RawImage` (file writes in a worker thread)."""
+
+    def __init__(self, image: RawImage) -> None:
+        self.image = image
+
+    async def write(self, offset: int, data: memoryview) -> None:
+        await trio.to_thread.run_sync(self.image.write_at, offset, data)
+
+    async def zero(self, offset: int, length: int) -> None:
+        await trio.to_thread.run_sync(self.image.zero, offset, length)
+
+    async def finish(self) -> str:
+        return str(await trio.to_thread.run_sync(self.image.close))
+
+
+class RawVmRestore(VmRestore):
+    """``<dest>/<vm>/<label>.raw`` per disk; `abort` removes every image it created."""
+
+    def __init__(self, request: RestoreRequest) -> None:
+        self.dest = request.dest
+        self.vm_name = request.vm_name
+        self.images: list[RawImage] = []
+
+    async def open_disk(self, disk: DiskInfo, *, size: int) -> RawDiskWriter:
+        parts = image_parts(self.vm_name, disk.label)
+        image = await trio.to_thread.run_sync(RawImage, self.dest, parts, size)
+        self.images.append(image)
+        return RawDiskWriter(image)
+
+    async def commit(self) -> str:
+        return str(self.dest / safe_name(self.vm_name))
+
+    async def abort(self) -> None:
+        def remove() -> None:
+            for image in self.images:
+                image.close()
+                image.path.unlink(missing_ok=True)
+
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(remove)
 
 
 class RawTarget(RestoreTarget):
     name = "raw"
     summary = "sparse raw image files"
 
-    def open_disk(self, *, vm_name: str, disk: DiskInfo, size: int, dest: Path) -> RawDiskWriter:
-        return RawDiskWriter(dest, image_parts(vm_name, disk.label), size)
+    async def begin_vm(self, request: RestoreRequest, *,
+                       cluster: ClusterAccess | None) -> RawVmRestore:
+        return RawVmRestore(request)

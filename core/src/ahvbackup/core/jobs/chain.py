@@ -17,14 +17,22 @@ import heapq
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
-from ..drivers import DiskWriter, Sink, StoredBackup
+from ..drivers import Sink, StoredBackup
 from ..errors import SinkError, StreamFormatError
 from ..manifest import DiskEntry
 from ..stream import DATA, IndexEntry, StreamHeader, StreamIndex, Trailer, index_stream
 
 Progress = Callable[[int], None]
+
+
+class RangeWriter(Protocol):
+    """Where a chain's image goes, range by range in disk order (blocking calls)."""
+
+    def write_at(self, offset: int, data: memoryview) -> None: ...
+
+    def zero(self, offset: int, length: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -241,7 +249,8 @@ class ChainImage:
             rel = off - entry.offset
             yield off, length, self._payload(li, ri)[rel : rel + length]
 
-    def write_to(self, writer: DiskWriter, progress: Progress = lambda n: None) -> tuple[int, int]:
+    def write_to(self, writer: RangeWriter, progress: Progress = lambda n: None
+                 ) -> tuple[int, int]:
         """Write the image into `writer` once per range, in disk order; returns
         (data bytes, zero bytes)."""
         data = zero = 0

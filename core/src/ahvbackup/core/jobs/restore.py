@@ -14,7 +14,9 @@ from __future__ import annotations
 
 __all__ = ["RestoreJob", "VerifyJob", "parse_time", "pick_backup", "select_disks"]
 
+import contextlib
 import datetime
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +27,21 @@ from typing import Any
 import trio
 
 from ..containment import safe_name
-from ..drivers import RestoreTarget, StoredBackup
+from ..drivers import (
+    ClusterAccess,
+    DiskWriter,
+    RestoreRequest,
+    RestoreTarget,
+    StoredBackup,
+    VmRestore,
+)
 from ..errors import AhvBackupError, ConfigError, StreamFormatError, our_errors
+from ..ledger import ReleaseStack
 from ..manifest import DiskEntry
 from ..model import DiskInfo
 from ..stream import StreamReader, Trailer
 from .chain import ChainImage, Link, bind_stream, resolve_chain
+from .concurrency import each_limited
 from .runtime import Runtime
 
 log = logging.getLogger("ahvbackup.restore")
@@ -59,6 +70,7 @@ class RestoreOutcome:
     disks: list[DiskOutcome] = field(default_factory=list)
     seconds: float = 0.0
     level: str = "full"
+    path: str = ""  # where the restored VM is (the target's answer to commit)
 
     @property
     def ok(self) -> bool:
@@ -72,7 +84,7 @@ class RestoreOutcome:
         return {
             "backup_id": self.backup_id, "vm": self.vm_name, "mode": self.mode, "ok": self.ok,
             "seconds": self.seconds, "failed": self.failed, "level": self.level,
-            "disks": [d.__dict__ for d in self.disks],
+            "path": self.path, "disks": [d.__dict__ for d in self.disks],
         }
 
 
@@ -128,34 +140,45 @@ def _disk_info(entry: DiskEntry) -> DiskInfo:
                     container=entry.container)
 
 
-def _apply_chain(
-    rt: Runtime, links: list[Link], target: RestoreTarget | None, dest: Path,
-    outcome: DiskOutcome, progress: Progress,
-) -> None:
+class _Bridge:
+    """A target's disk writer, called from the worker thread that reads the streams. Each call
+    returns once the write is done, so the stream's buffer (the view) stays valid through it."""
+
+    def __init__(self, writer: DiskWriter, token: trio.lowlevel.TrioToken) -> None:
+        self._writer = writer
+        self._token = token
+
+    def write_at(self, offset: int, data: memoryview) -> None:
+        trio.from_thread.run(self._writer.write, offset, data, trio_token=self._token)
+
+    def zero(self, offset: int, length: int) -> None:
+        trio.from_thread.run(self._writer.zero, offset, length, trio_token=self._token)
+
+    def finish(self) -> str:
+        return trio.from_thread.run(self._writer.finish, trio_token=self._token)
+
+
+#: from the worker thread: the disk's writer, once its size is known (None: verify only)
+Opener = Callable[[int], _Bridge]
+
+
+def _apply_chain(rt: Runtime, links: list[Link], opener: Opener | None, outcome: DiskOutcome,
+                 progress: Progress) -> None:
     """Rebuild one disk from its chain (blocking: runs in a worker thread), or check the chain
-    completely when there is no target."""
-    tip = links[-1]
-    with ChainImage(rt.sink, links, verify=target is None) as image:
+    completely when there is no writer."""
+    with ChainImage(rt.sink, links, verify=opener is None) as image:
         outcome.size = image.size
         trailer = image.tip.trailer
         assert trailer is not None
         outcome.digest = trailer.digest_hex
-        if target is None:
+        if opener is None:
             outcome.data_bytes = sum(n for _, n, v in _kinds(image) if v)
             outcome.zero_bytes = sum(n for _, n, v in _kinds(image) if not v)
             progress(outcome.size)
-            outcome.ok = True
-            return
-        writer = target.open_disk(
-            vm_name=tip.backup.vm_name, disk=_disk_info(tip.entry), size=outcome.size, dest=dest
-        )
-        try:
+        else:
+            writer = opener(outcome.size)
             outcome.data_bytes, outcome.zero_bytes = image.write_to(writer, progress)
-        except BaseException:
-            where = writer.close()
-            Path(where).unlink(missing_ok=True)
-            raise
-        outcome.path = str(writer.close())
+            outcome.path = writer.finish()
     outcome.ok = True
 
 
@@ -163,41 +186,31 @@ def _kinds(image: ChainImage) -> list[tuple[int, int, bool]]:
     return [(off, n, image.entries[li][ri].kind == "data") for off, n, li, ri in image.pieces]
 
 
-def _apply(
-    rt: Runtime, link: Link, target: RestoreTarget | None, dest: Path, outcome: DiskOutcome,
-    progress: Progress,
-) -> None:
-    """Read one stream (blocking: runs in a worker thread) into the target, or just check it."""
-    writer = None
+def _apply(rt: Runtime, link: Link, opener: Opener | None, outcome: DiskOutcome,
+           progress: Progress) -> None:
+    """Read one stream (blocking: runs in a worker thread) into the writer, or just check it.
+    Its digest is checked at the end; a failure then makes the job abort the VM's restore."""
     with rt.sink.open_stream(link.backup, link.label) as f:
         reader = StreamReader(f, name=f"{link.backup.vm_name}/{link.label}")
         bind_stream(link, reader.header)
         outcome.size = reader.header.disk_size
-        if target is not None:
-            writer = target.open_disk(vm_name=link.backup.vm_name, disk=_disk_info(link.entry),
-                                      size=outcome.size, dest=dest)
-        try:
-            for rec in reader:
-                if rec.data is not None:
-                    if writer is not None:
-                        writer.write_at(rec.offset, rec.data)
-                    outcome.data_bytes += rec.length
-                else:
-                    if writer is not None:
-                        writer.zero(rec.offset, rec.length)
-                    outcome.zero_bytes += rec.length
-                progress(rec.length)
-            trailer: Trailer | None = reader.trailer
-            assert trailer is not None
-            bind_stream(link, reader.header, trailer)
-            outcome.digest = trailer.digest_hex
-        except BaseException:
-            if writer is not None:
-                where = writer.close()
-                Path(where).unlink(missing_ok=True)
-            raise
-    if writer is not None:
-        outcome.path = str(writer.close())
+        writer = opener(outcome.size) if opener is not None else None
+        for rec in reader:
+            if rec.data is not None:
+                if writer is not None:
+                    writer.write_at(rec.offset, rec.data)
+                outcome.data_bytes += rec.length
+            else:
+                if writer is not None:
+                    writer.zero(rec.offset, rec.length)
+                outcome.zero_bytes += rec.length
+            progress(rec.length)
+        trailer: Trailer | None = reader.trailer
+        assert trailer is not None
+        bind_stream(link, reader.header, trailer)
+        outcome.digest = trailer.digest_hex
+        if writer is not None:
+            outcome.path = writer.finish()
     outcome.ok = True
 
 
@@ -230,12 +243,6 @@ class _StreamJob:
         self.progress = progress or (lambda n: None)
         self.entries = select_disks(backup, disks)
 
-    def _target(self) -> RestoreTarget | None:
-        return None
-
-    def _dest(self) -> Path:
-        return Path(".")
-
     async def run(self) -> RestoreOutcome:
         started = time.monotonic()
         out = RestoreOutcome(backup_id=self.backup.backup_id, vm_name=self.backup.vm_name,
@@ -244,14 +251,9 @@ class _StreamJob:
         hooks.job_started(job_id=job_id, mode=self.mode, level=b.level)
         hooks.vm_started(job_id=job_id, vm_uuid=b.vm_uuid, vm_name=b.vm_name)
         try:
-            target = self._target()
             self.by_id = {x.backup_id: x for x in await self.rt.sink.backups(b.vm_uuid)}
-            limiter = trio.CapacityLimiter(max(1, self.rt.config.concurrent_disks))
-            async with trio.open_nursery() as nursery:
-                for entry in self.entries:
-                    outcome = DiskOutcome(label=entry.label)
-                    out.disks.append(outcome)
-                    nursery.start_soon(self._one, entry, target, outcome, limiter)
+            out.disks = [DiskOutcome(label=e.label) for e in self.entries]
+            await self._disks(out)
         finally:
             out.seconds = time.monotonic() - started
             errors = "; ".join(d.error for d in out.disks if d.error) or None
@@ -262,61 +264,69 @@ class _StreamJob:
                           job_seconds=out.seconds)
         return out
 
-    async def _one(
-        self, entry: DiskEntry, target: RestoreTarget | None, outcome: DiskOutcome,
-        limiter: trio.CapacityLimiter,
-    ) -> None:
+    async def _disks(self, out: RestoreOutcome, vm: VmRestore | None = None) -> None:
+        """Every selected disk, at most concurrent_disks at once, into `vm` (None: verify)."""
+        await each_limited(zip(self.entries, out.disks, strict=True),
+                           self.rt.config.concurrent_disks,
+                           lambda pair: self._one(pair[0], pair[1], vm))
+
+    async def _one(self, entry: DiskEntry, outcome: DiskOutcome, vm: VmRestore | None) -> None:
         token = trio.lowlevel.current_trio_token()
 
         def progress(n: int) -> None:
             trio.from_thread.run_sync(self.progress, n, trio_token=token)
+
+        opener: Opener | None = None
+        if vm is not None:
+            def opener(size: int) -> _Bridge:
+                open_disk = functools.partial(vm.open_disk, _disk_info(entry), size=size)
+                return _Bridge(trio.from_thread.run(open_disk, trio_token=token), token)
 
         hooks, vm_name = self.rt.hooks, self.backup.vm_name
         hooks.disk_started(job_id=self.rt.job_id, vm_name=vm_name, disk=entry.label,
                            size=entry.size)
         started = time.monotonic()
         try:
-            await self._rebuild(entry, target, outcome, limiter, progress)
+            await self._rebuild(entry, outcome, opener, progress)
         finally:
             # bytes_read: the data bytes read back from the streams (written, for a restore)
             hooks.disk_finished(job_id=self.rt.job_id, vm_name=vm_name, disk=entry.label,
                                 ok=outcome.ok, bytes_read=outcome.data_bytes, bytes_stored=0)
             hooks.measure({"mode": self.mode, "vm": vm_name, "disk": entry.label,
                            "outcome": "ok" if outcome.ok else "failed"},
-                          disk_bytes_restored=outcome.data_bytes if target else 0,
-                          disk_bytes_verified=0 if target else outcome.data_bytes,
+                          disk_bytes_restored=outcome.data_bytes if vm else 0,
+                          disk_bytes_verified=0 if vm else outcome.data_bytes,
                           disk_seconds=time.monotonic() - started)
 
-    async def _rebuild(
-        self, entry: DiskEntry, target: RestoreTarget | None, outcome: DiskOutcome,
-        limiter: trio.CapacityLimiter, progress: Progress,
-    ) -> None:
+    async def _rebuild(self, entry: DiskEntry, outcome: DiskOutcome, opener: Opener | None,
+                       progress: Progress) -> None:
         try:
             links = resolve_chain(self.by_id, self.backup, entry)
             outcome.chain = [link.backup.backup_id for link in links]
             if len(links) == 1:
-                await trio.to_thread.run_sync(
-                    _apply, self.rt, links[0], target, self._dest(), outcome, progress,
-                    limiter=limiter, abandon_on_cancel=False,
-                )
+                await trio.to_thread.run_sync(_apply, self.rt, links[0], opener, outcome,
+                                              progress, abandon_on_cancel=False)
             else:
-                await trio.to_thread.run_sync(
-                    _apply_chain, self.rt, links, target, self._dest(), outcome, progress,
-                    limiter=limiter, abandon_on_cancel=False,
-                )
+                await trio.to_thread.run_sync(_apply_chain, self.rt, links, opener, outcome,
+                                              progress, abandon_on_cancel=False)
         except (AhvBackupError, BaseExceptionGroup) as err:
             errors = our_errors(err)
             if errors is None:
                 raise
+            outcome.ok = False
             outcome.error = "; ".join(str(e) for e in errors)
             log.error("%s %s: %s", self.backup.vm_name, entry.label, outcome.error)
         except OSError as err:
+            outcome.ok = False
             outcome.error = f"{entry.label}: {err}"
             log.error("%s %s: %s", self.backup.vm_name, entry.label, outcome.error)
 
 
 class RestoreJob(_StreamJob):
-    """Rebuild disks of one backup through a restore target (raw files by default)."""
+    """Rebuild the disks of one backup as a VM through a restore target (raw files by default).
+
+    The target's VM restore is committed only when every disk was restored whole; a failed
+    disk, an error or a cancellation aborts it, so nothing partial is left."""
 
     mode = "restore"
 
@@ -326,11 +336,33 @@ class RestoreJob(_StreamJob):
         self.dest = dest
         self.target = target or rt.target()
 
-    def _target(self) -> RestoreTarget | None:
-        return self.target
-
-    def _dest(self) -> Path:
-        return self.dest
+    async def _disks(self, out: RestoreOutcome, vm: VmRestore | None = None) -> None:
+        async with contextlib.AsyncExitStack() as scope:
+            cluster = None
+            if self.target.needs_cluster:
+                session = await scope.enter_async_context(self.rt.hypervisor.connect())
+                stack = await scope.enter_async_context(ReleaseStack(
+                    self.rt.ledger, owner=self.rt.job_id, releaser=session.release))
+                cluster = ClusterAccess(session=session, stack=stack)
+            request = RestoreRequest(vm_name=self.backup.vm_name, dest=self.dest,
+                                     manifest=self.backup.manifest)
+            restoring = await self.target.begin_vm(request, cluster=cluster)
+            try:
+                await super()._disks(out, restoring)
+                if out.ok:
+                    out.path = await restoring.commit()
+                    return
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await restoring.abort()
+                raise
+            await restoring.abort()
+            for d in out.disks:
+                if d.ok:  # whole, but a VM is restored whole or not at all
+                    d.ok, d.path = False, ""
+                    d.error = "removed: another disk of this VM could not be restored"
+            log.error("restore of backup %s (%s) failed; what it had written was removed",
+                      self.backup.backup_id, self.backup.vm_name)
 
 
 class VerifyJob(_StreamJob):
