@@ -302,12 +302,14 @@ class Sink(Driver):
 
 @dataclass(frozen=True)
 class RestoreRequest:
-    """One VM to restore, as the target sees it."""
+    """One VM to restore, as the target sees it: `vm_name`, the backed-up VM's name (a file
+    target makes a folder of it with `safe_name`); `dest`, the folder for local files
+    (``--dest``, Bacula's where; a cluster target ignores it); `manifest`, the backup point's
+    manifest (the VM's configuration and disks) when it is known before the disks are (a
+    Bacula restore hands the disks first)."""
 
-    vm_name: str  # the backed-up VM's name (file targets make a folder of it, safely)
-    dest: Path  # the folder for local files (`--dest`, Bacula's where); cluster targets ignore it
-    #: the point's manifest (the VM's configuration, its disks), when known before the disks
-    #: are (a Bacula restore hands the disks first)
+    vm_name: str
+    dest: Path
     manifest: Manifest | None = None
 
 
