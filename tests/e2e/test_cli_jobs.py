@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 from tests.e2e.e2e_world import MiB, World
 
@@ -90,3 +92,31 @@ async def test_sigkill_mid_disk_leaves_nothing_behind_after_the_next_run(world: 
     assert not list(repo.glob("*/.partial-*"))
     assert [b.vm_name for b in await rt.sink.backups()] == ["big"]
     assert not list((world.tmp / "state" / "ledger").glob("*.json"))
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+async def test_a_signal_mid_backup_releases_everything_and_exits_cleanly(
+        world: World, signum: int, code: int) -> None:
+    world.add_vm("sig", [(64 * MiB, [(0, 48 * MiB)])])
+    world.sim.faults.add(method="GET", path=r"/images/.*/file", latency=0.5, count=None)
+    proc = await trio.lowlevel.open_process(
+        [*CLI, "backup", *world.cli_args(vm="sig", chunk_size_mib=1, data_path="rest")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    with trio.fail_after(60):
+        while world.sim.stats.active_image_reads == 0:
+            await trio.sleep(0.05)
+    proc.send_signal(signum)
+    assert proc.stderr is not None
+    err = b""
+    with trio.fail_after(30):
+        async for chunk in proc.stderr:
+            err += chunk
+        assert await proc.wait() == code
+    text = err.decode()
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert f"interrupted by {signal.Signals(signum).name}" in text
+    # released on the way out, not left for the next run's sweep
+    assert world.sim.snapshots == {} and world.sim.images == {}
+    assert not list((world.tmp / "state" / "ledger").glob("*.json"))
+    assert not list((world.tmp / "repo").glob("*/.partial-*"))

@@ -17,6 +17,7 @@ from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, VerifyJob, pick_backup
 from ahvbackup.core.jobs.results import JobResult
 from ahvbackup.core.jobs.runtime import Runtime
+from ahvbackup.hypervisors.ahv.simulator import pe_app
 from ahvbackup.hypervisors.ahv.simulator.model import Disk
 
 
@@ -217,7 +218,7 @@ async def test_changed_regions_of_a_deleted_reference_is_a_404_naming_it(world: 
                                        cluster_uuid=cluster)
     ref, path = old.files[0].snapshot_file_path, new.files[0].snapshot_file_path
     world.sim.delete_vm_snapshot(old.uuid)
-    transport = httpx.ASGITransport(app=world.sim.pe_app())
+    transport = httpx.ASGITransport(app=pe_app(world.sim))
     async with httpx.AsyncClient(transport=transport, base_url="http://pe:9440",
                                  auth=("admin", "nutanix/4u")) as pe:
         r = await pe.post("/api/nutanix/v3/data/changed_regions",

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 from ahvbackup.hypervisors.ahv.simulator.volume_groups import VolumeGroups, volume_groups
 
 CLI = [sys.executable, "-m", "ahvbackup.core.cli"]
+AUTO_LOG = "ahvbackup.datapath.auto"
 
 
 @dataclass
@@ -123,7 +124,7 @@ async def test_generated_initiator_name_is_stable(iworld: IWorld) -> None:
 async def test_auto_picks_iscsi_when_the_target_answers(
         iworld: IWorld, caplog: pytest.LogCaptureFixture) -> None:
     iworld.add_vm("auto", [(8 * MiB, [(0, 2 * MiB)])])
-    caplog.set_level(logging.INFO, logger="ahvbackup.job")
+    caplog.set_level(logging.INFO, logger=AUTO_LOG)
     rt = Runtime.from_config(iworld.config(vm="auto", data_path="auto"))
     assert (await BackupJob(rt).run()).ok
     assert "data_path=auto: using iscsi" in caplog.text
@@ -134,7 +135,7 @@ async def test_auto_picks_rest_when_no_target_answers(
         rest_only_world: IWorld, caplog: pytest.LogCaptureFixture) -> None:
     world = rest_only_world
     vm = world.add_vm("auto", [(8 * MiB, [(0, 2 * MiB)])])
-    caplog.set_level(logging.INFO, logger="ahvbackup.job")
+    caplog.set_level(logging.INFO, logger=AUTO_LOG)
     rt = Runtime.from_config(world.config(vm="auto", data_path="auto"))
     assert (await BackupJob(rt).run()).ok
     assert "data_path=auto: using rest" in caplog.text
@@ -142,6 +143,60 @@ async def test_auto_picks_rest_when_no_target_answers(
     backup = await pick_backup(rt, vm="auto", backup_id=None)
     out = await RestoreJob(rt, backup, dest=world.tmp / "r").run()
     assert same_as_sim(world.sim, vm.uuid, 0, Path(out.disks[0].path))
+
+
+async def test_auto_reads_a_disk_whose_target_is_not_offered_over_rest(
+        iworld: IWorld, caplog: pytest.LogCaptureFixture) -> None:
+    vm = iworld.add_vm("mixed", [(8 * MiB, [(0, 2 * MiB)]), (8 * MiB, [(MiB, 3 * MiB)])])
+    vgs = volume_groups(iworld.sim)
+    hidden = vm.data_disks[1]
+    vgs.unoffered.add(hidden.uuid)  # the target of scsi.1's volume group does not list us
+    caplog.set_level(logging.INFO, logger=AUTO_LOG)
+    rt = Runtime.from_config(iworld.config(vm="mixed", data_path="auto"))
+    result = await BackupJob(rt).run()
+    assert result.ok, result.failed
+    (warning,) = [r.getMessage() for r in caplog.records
+                  if r.name == AUTO_LOG and r.levelno == logging.WARNING]
+    assert f"reading disk scsi.1 (vmdisk {hidden.uuid}) over rest" in warning
+    assert "does not offer" in warning
+    assert 2 * MiB <= vgs.bytes_read < 5 * MiB  # scsi.0 came over iSCSI, scsi.1 did not ...
+    assert iworld.sim.stats.peak_concurrent_image_reads >= 1  # ... it came over REST
+    out = await RestoreJob(rt, await pick_backup(rt, vm="mixed", backup_id=None),
+                           dest=iworld.tmp / "restore").run()
+    for i, disk in enumerate(out.disks):
+        assert same_as_sim(iworld.sim, vm.uuid, i, Path(disk.path)), disk.label
+    _nothing_left(iworld, rt)
+
+
+async def test_auto_is_not_fooled_by_another_iscsi_target_on_the_portal(
+        iworld: IWorld, tmp_path: Path) -> None:
+    """The newcomer's case: another simulator's iSCSI target answers where the job looks (the
+    configured port on the DSIP). Every disk is read over REST, each with a warning."""
+    vm = iworld.add_vm("fooled", [(8 * MiB, [(0, 2 * MiB)]), (4 * MiB, [(0, MiB)])])
+    other = Simulator(tmp_path / "other", seed=False, task_seconds=0.05, sync=False)
+    try:
+        async with serve_simulator(other, port=0, tls=False, iscsi_port=0) as ep:
+            ((_host, other_port),) = set(ep.iscsi_portals.values())
+            fooled = replace(iworld, iscsi_port=other_port)
+            done = await trio.run_process(
+                [*CLI, "backup", *fooled.cli_args(vm="fooled", data_path="auto")],
+                capture_stdout=True, capture_stderr=True, check=False)
+            assert other.volume_groups.groups == {}  # nothing was staged over there
+    finally:
+        other.close()
+    stderr = done.stderr.decode()
+    assert done.returncode == 0, stderr
+    fallbacks = sorted(line.split()[5] for line in stderr.splitlines()
+                       if line.startswith("ahvbackup: warning: data_path=auto: reading disk")
+                       and "does not offer" in line)
+    assert fallbacks == ["scsi.0", "scsi.1"]
+    assert volume_groups(iworld.sim).bytes_read == 0
+    rt = Runtime.from_config(iworld.config(vm="fooled"))
+    out = await RestoreJob(rt, await pick_backup(rt, vm="fooled", backup_id=None),
+                           dest=iworld.tmp / "restore").run()
+    for i, disk in enumerate(out.disks):
+        assert same_as_sim(iworld.sim, vm.uuid, i, Path(disk.path)), disk.label
+    _nothing_left(iworld, rt)
 
 
 async def test_lun_smaller_than_the_api_said_is_a_clear_error(iworld: IWorld) -> None:
@@ -203,3 +258,15 @@ async def test_cancelled_job_releases_attachment_vg_and_snapshot(iworld: IWorld)
     assert vgs.groups == {}
     assert iworld.sim.snapshots == {}
     assert not list((iworld.tmp / "state" / "ledger").glob("*.json"))
+
+
+async def test_a_500_on_the_volume_group_delete_is_retried_and_the_job_ends_clean(
+        iworld: IWorld) -> None:
+    iworld.add_vm("vg-retry", [(4 * MiB, [(0, MiB)])])
+    rule = iworld.sim.faults.add(method="DELETE", path=r"/volume_groups/", status=500, count=2)
+    rt = Runtime.from_config(iworld.config(vm="vg-retry", data_path="iscsi"))
+    result = await BackupJob(rt).run()
+    assert result.ok, result.failed
+    assert rule.hits == 2  # the cluster refused twice; the third delete worked
+    assert not [w for v in result.vms for w in v.warnings if "left on the cluster" in w]
+    _nothing_left(iworld, rt)

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ahvbackup.hypervisors.ahv.simulator import Simulator
+from ahvbackup.hypervisors.ahv.simulator import Simulator, pc_app, pe_app
 
 ADMIN = ("admin", "nutanix/4u")
 BACKUP = ("backup", "backup/4u")
@@ -32,11 +32,11 @@ def client(app: object, base_url: str, auth: tuple[str, str] | None = ADMIN) -> 
 
 @pytest.fixture
 async def pc(sim: Simulator) -> AsyncIterator[httpx.AsyncClient]:
-    async with client(sim.pc_app(), "http://127.0.0.1:9440") as c:
+    async with client(pc_app(sim), "http://127.0.0.1:9440") as c:
         yield c
 
 
 @pytest.fixture
 async def pe(sim: Simulator) -> AsyncIterator[httpx.AsyncClient]:
-    async with client(sim.pe_app(), "http://127.0.0.2:9440") as c:
+    async with client(pe_app(sim), "http://127.0.0.2:9440") as c:
         yield c

@@ -7,9 +7,12 @@ import itertools
 import httpx
 import pytest
 import trio
+from tests.e2e.e2e_world import World
 
+from ahvbackup.core.config import load_config
 from ahvbackup.core.secret import Secret
 from ahvbackup.hypervisors.ahv.client import TokenBucket, connect_prism
+from ahvbackup.hypervisors.ahv.driver import AhvHypervisor
 
 
 async def test_bucket_holds_the_rate_after_the_burst(autojump_clock: trio.abc.Clock) -> None:
@@ -89,3 +92,14 @@ async def test_pc_and_pe_requests_draw_from_one_bucket(autojump_clock: trio.abc.
     assert pe.base_url == "https://10.0.0.5:9440"
     assert hosts.count("10.0.0.5") == 5
     assert elapsed == pytest.approx(5.0)
+
+
+async def test_prism_rate_rpm_0_turns_the_cap_off_for_a_job(world: World) -> None:
+    """The documented `0 = no cap`: the key accepts it and the driver's requests are not paced
+    (at the default 30 a minute these 40 would take well over a minute)."""
+    cfg = load_config(overrides=world.overrides(prism_rate_rpm=0))
+    assert cfg.prism_rate_rpm == 0
+    async with AhvHypervisor(cfg).connect() as session:
+        with trio.fail_after(30):
+            for _ in range(40):
+                assert await session.list_vms()

@@ -12,7 +12,13 @@ import trio
 from ahvbackup.core.errors import ApiAuthError, ApiNotFoundError, ApiRateLimitedError
 from ahvbackup.core.secret import Secret
 from ahvbackup.hypervisors.ahv.client import Prism, PrismTlsError, Vm, connect_prism
-from ahvbackup.hypervisors.ahv.simulator import Simulator, seed_pattern, serve_simulator
+from ahvbackup.hypervisors.ahv.simulator import (
+    Simulator,
+    pc_app,
+    pe_app,
+    seed_pattern,
+    serve_simulator,
+)
 
 PASSWORD = Secret("backup/4u")
 
@@ -28,8 +34,8 @@ def sim(tmp_path: Path) -> Iterator[Simulator]:
 async def prism(sim: Simulator) -> AsyncIterator[Prism]:
     async with connect_prism(
         "https://pc.sim:9440", user="backup", password=PASSWORD, rate_rpm=0,
-        transport=httpx.ASGITransport(app=sim.pc_app()),
-        pe_transport_factory=lambda c: httpx.ASGITransport(app=sim.pe_app(c.uuid)),
+        transport=httpx.ASGITransport(app=pc_app(sim)),
+        pe_transport_factory=lambda c: httpx.ASGITransport(app=pe_app(sim, c.uuid)),
     ) as p:
         yield p
 
@@ -108,7 +114,7 @@ async def test_injected_429_forever_gives_up(sim: Simulator) -> None:
     sim.faults.add(method="GET", path=r"/users/me$", status=429, retry_after=0, count=None)
     async with connect_prism(
         "https://pc.sim:9440", user="backup", password=PASSWORD, rate_rpm=0, max_attempts=3,
-        transport=httpx.ASGITransport(app=sim.pc_app()),
+        transport=httpx.ASGITransport(app=pc_app(sim)),
     ) as p:
         with pytest.raises(ApiRateLimitedError, match=r"gave up after 3 attempts.*injected fault"):
             await p.pc.me()
@@ -118,8 +124,8 @@ async def test_a_read_only_user_cannot_snapshot(sim: Simulator) -> None:
     sim.users.add("viewer", "view/4u", "Viewer")
     async with connect_prism(
         "https://pc.sim:9440", user="viewer", password=Secret("view/4u"), rate_rpm=0,
-        transport=httpx.ASGITransport(app=sim.pc_app()),
-        pe_transport_factory=lambda c: httpx.ASGITransport(app=sim.pe_app(c.uuid)),
+        transport=httpx.ASGITransport(app=pc_app(sim)),
+        pe_transport_factory=lambda c: httpx.ASGITransport(app=pe_app(sim, c.uuid)),
     ) as p:
         vm = a_vm_with_data(await p.pc.list_vms())
         pe = await p.pe(vm.cluster_uuid)

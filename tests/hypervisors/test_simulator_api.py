@@ -15,6 +15,8 @@ from ahvbackup.hypervisors.ahv.simulator import (
     PC_COOKIE,
     PE_COOKIE,
     Simulator,
+    pc_app,
+    pe_app,
     seed_pattern,
     serve_simulator,
 )
@@ -41,56 +43,56 @@ async def _snapshot(pe: httpx.AsyncClient, sim: Simulator, vm_name: str,
 # ---- auth -------------------------------------------------------------------------------------
 
 async def test_requests_without_or_with_bad_credentials_get_401(sim: Simulator) -> None:
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=None) as anon:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=None) as anon:
         r = await anon.post(f"{V3}/vms/list", json={})
         assert r.status_code == 401
         assert "set-cookie" not in r.headers
         assert r.headers["www-authenticate"].startswith("Basic")
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=("admin", "wrong")) as bad:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=("admin", "wrong")) as bad:
         assert (await bad.post(f"{V3}/vms/list", json={})).status_code == 401
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=("nobody", "x")) as bad:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=("nobody", "x")) as bad:
         assert (await bad.get(f"{V3}/users/me")).status_code == 401
 
 
 async def test_session_cookie_replaces_basic_auth_and_is_per_listener(sim: Simulator) -> None:
-    async with client(sim.pc_app(), "http://127.0.0.1:9440") as pc:
+    async with client(pc_app(sim), "http://127.0.0.1:9440") as pc:
         r = await pc.get(f"{V3}/users/me")
         assert r.json()["status"]["name"] == "admin"
         token = r.cookies[PC_COOKIE]
     headers = {"Cookie": f"{PC_COOKIE}={token}"}
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=None) as cookie_only:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=None) as cookie_only:
         r = await cookie_only.post(f"{V3}/vms/list", json={}, headers=headers)
         assert r.status_code == 200
         assert r.json()["metadata"]["total_matches"] == 4
-    async with client(sim.pe_app(), "http://127.0.0.2:9440", auth=None) as pe:
+    async with client(pe_app(sim), "http://127.0.0.2:9440", auth=None) as pe:
         r = await pe.post(f"{V3}/vms/list", json={}, headers={"Cookie": f"{PE_COOKIE}={token}"})
         assert r.status_code == 401  # a PC session is not a PE session
     sim.sessions.expire_all()
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=None) as cookie_only:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=None) as cookie_only:
         r = await cookie_only.post(f"{V3}/vms/list", json={}, headers=headers)
         assert r.status_code == 401
 
 
 async def test_roles_viewer_reads_only_backup_may_not_touch_vms(sim: Simulator) -> None:
     db = sim.find_vm("db-01")
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=VIEWER) as viewer:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=VIEWER) as viewer:
         assert (await viewer.post(f"{V3}/vms/list", json={})).status_code == 200
         r = await viewer.post(f"{V3}/images", json={"spec": {"name": "x"}})
         assert r.status_code == 403
         assert r.json()["message_list"][0]["reason"] == "ACCESS_DENIED"
         assert "viewer" in r.json()["message_list"][0]["message"]
         assert (await viewer.delete(f"{V3}/vms/{db.uuid}")).status_code == 403
-    async with client(sim.pe_app(), "http://127.0.0.2:9440", auth=VIEWER) as viewer_pe:
+    async with client(pe_app(sim), "http://127.0.0.2:9440", auth=VIEWER) as viewer_pe:
         r = await viewer_pe.post(f"{V3}/vm_snapshots", json={
             "spec": {"name": "x", "resources": {"entity_uuid": db.uuid}}})
         assert r.status_code == 403
-    async with client(sim.pc_app(), "http://127.0.0.1:9440", auth=BACKUP) as backup:
+    async with client(pc_app(sim), "http://127.0.0.1:9440", auth=BACKUP) as backup:
         assert (await backup.delete(f"{V3}/vms/{db.uuid}")).status_code == 403
         r = await backup.post(f"{V3}/images", json={"spec": {"name": "upload-target"}})
         assert r.status_code == 202
         r = await backup.get("/api/simulator/v1/stats")
         assert r.status_code == 403
-    async with client(sim.pe_app(), "http://127.0.0.2:9440", auth=BACKUP) as backup_pe:
+    async with client(pe_app(sim), "http://127.0.0.2:9440", auth=BACKUP) as backup_pe:
         r = await backup_pe.post(f"{V3}/vm_snapshots", json={
             "spec": {"name": "x", "resources": {"entity_uuid": db.uuid}}})
         assert r.status_code == 202

@@ -8,6 +8,8 @@ import signal
 import ssl
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -15,7 +17,14 @@ import pytest
 import trio
 from tests.hypervisors.conftest import ADMIN, V3, client
 
-from ahvbackup.hypervisors.ahv.simulator import Simulator, seed_pattern, serve_simulator
+from ahvbackup.hypervisors.ahv.simulator import (
+    Simulator,
+    pc_app,
+    pe_app,
+    seed_pattern,
+    serve_simulator,
+)
+from ahvbackup.transports.iscsi.initiator import discover
 
 MiB = 1 << 20
 
@@ -60,8 +69,8 @@ async def test_a_restarted_simulator_has_the_same_inventory_disks_and_snapshots(
     state = tmp_path / "state"
     sim = Simulator(state, task_seconds=0.01)
     db = sim.find_vm("db-01")
-    async with client(sim.pe_app(), "http://127.0.0.2:9440") as pe, \
-            client(sim.pc_app(), "http://127.0.0.1:9440") as pc:
+    async with client(pe_app(sim), "http://127.0.0.2:9440") as pe, \
+            client(pc_app(sim), "http://127.0.0.1:9440") as pc:
         snap = (await pe.post(f"{V3}/vm_snapshots", json={
             "spec": {"name": "keep", "resources": {"entity_uuid": db.uuid}}})).json()
         sim.write_disk(db.uuid, 1, 6 << 30, b"after the snapshot")
@@ -81,8 +90,8 @@ async def test_a_restarted_simulator_has_the_same_inventory_disks_and_snapshots(
         snap_uuid = snap["metadata"]["uuid"]
         vmdisk = db.data_disks[1].uuid
         assert again.read_snapshot_disk(snap_uuid, vmdisk, 6 << 30, 18) == bytes(18)
-        async with client(again.pe_app(), "http://127.0.0.2:9440") as pe, \
-                client(again.pc_app(), "http://127.0.0.1:9440", auth=("auditor", "s3cret!")) as pc:
+        async with client(pe_app(again), "http://127.0.0.2:9440") as pe, \
+                client(pc_app(again), "http://127.0.0.1:9440", auth=("auditor", "s3cret!")) as pc:
             got = (await pe.get(f"{V3}/vm_snapshots/{snap_uuid}")).json()
             assert got["status"]["state"] == "COMPLETE"
             path = got["status"]["snapshot_file_list"][1]["snapshot_file_path"]
@@ -108,22 +117,44 @@ def test_a_new_simulator_without_seed_has_clusters_and_users_but_no_vms(tmp_path
         sim.close()
 
 
-async def test_cli_serve_prints_endpoints_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+@asynccontextmanager
+async def _serve_cli(tmp_path: Path, *args: str, until: str) -> AsyncIterator[str]:
+    """`ahvbackup [args] simulator serve` on free ports; yields what it printed up to the line
+    `until`, then stops it with Ctrl-C and checks it exits 0."""
     exe = Path(sys.executable).with_name("ahvbackup")
     proc = subprocess.Popen(
-        [str(exe), "--json", "simulator", "serve", "--state", str(tmp_path / "cli"),
+        [str(exe), *args, "simulator", "serve", "--state", str(tmp_path / "cli"),
          "--port", "0", "--http", "--task-seconds", "0.01"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         assert proc.stdout is not None
-        lines = []
+        lines: list[str] = []
         with trio.fail_after(60):
-            while not lines or lines[-1] != "}\n":
+            while not lines or lines[-1] != until:
                 line = await trio.to_thread.run_sync(proc.stdout.readline)
                 assert line, proc.stderr.read() if proc.stderr else "no output"
-                lines.append(line)
-        info = json.loads("".join(lines))
+                lines.append(line.rstrip("\n"))
+        yield "\n".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rc = await trio.to_thread.run_sync(proc.wait, 30)
+        assert rc == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def _iscsi_targets(portal: str) -> list[str]:
+    """The targets an iSCSI SendTargets discovery at "host:port" answers with."""
+    host, _, port = portal.rpartition(":")
+    found = await discover((host, int(port)), initiator_iqn="iqn.2024-01.test:probe")
+    return [t.iqn for t in found]
+
+
+async def test_cli_serve_prints_endpoints_and_stops_on_ctrl_c(tmp_path: Path) -> None:
+    async with _serve_cli(tmp_path, "--json", until="}") as out:
+        info = json.loads(out)
         assert info["ca_cert"] is None
         assert info["vms"] == ["app-01", "db-01", "tiny-01", "web-01"]
         assert {u["name"]: u["password"] for u in info["users"]}["admin"] == "nutanix/4u"
@@ -132,10 +163,15 @@ async def test_cli_serve_prints_endpoints_and_stops_on_ctrl_c(tmp_path: Path) ->
             assert r.status_code == 200
             pe_url = info["prism_elements"][0]["url"]
             assert (await c.post(f"{pe_url}{V3}/vm_snapshots/list", json={})).status_code == 200
-        proc.send_signal(signal.SIGINT)
-        rc = await trio.to_thread.run_sync(proc.wait, 30)
-        assert rc == 0
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
+        (pe,) = info["prism_elements"]
+        assert pe["iscsi_portal"].startswith(f"{pe['data_services_ip']}:")
+        assert await _iscsi_targets(pe["iscsi_portal"]) == []  # no volume group yet
+
+
+async def test_cli_serve_prints_the_iscsi_portal_to_point_iscsi_port_at(tmp_path: Path) -> None:
+    async with _serve_cli(tmp_path, until="Press Ctrl-C to stop.") as out:
+        (line,) = [x for x in out.splitlines() if x.startswith("iSCSI portal")]
+        portal = line.split()[2]
+        assert portal.startswith("127.0.0.102:") and portal != "127.0.0.102:3260"  # --port 0
+        assert "sim-cluster-1" in line
+        assert await _iscsi_targets(portal) == []  # an iSCSI target, with no VG yet

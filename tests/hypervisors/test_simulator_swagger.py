@@ -20,7 +20,7 @@ import trio
 from tests.conftest import specs_dir
 from tests.hypervisors.conftest import V3, VIEWER, client
 
-from ahvbackup.hypervisors.ahv.simulator import Simulator
+from ahvbackup.hypervisors.ahv.simulator import Simulator, pc_app, pe_app
 
 
 @cache
@@ -76,10 +76,10 @@ class Recorder:
 
 async def _scenario(sim: Simulator, rec: Recorder) -> None:
     hooks = {"response": [rec.hook]}
-    pc = client(sim.pc_app(), "http://127.0.0.1:9440")
-    pe = client(sim.pe_app(), "http://127.0.0.2:9440")
-    anon = client(sim.pc_app(), "http://127.0.0.1:9440", auth=None)
-    viewer = client(sim.pc_app(), "http://127.0.0.1:9440", auth=VIEWER)
+    pc = client(pc_app(sim), "http://127.0.0.1:9440")
+    pe = client(pe_app(sim), "http://127.0.0.2:9440")
+    anon = client(pc_app(sim), "http://127.0.0.1:9440", auth=None)
+    viewer = client(pc_app(sim), "http://127.0.0.1:9440", auth=VIEWER)
     for c in (pc, pe, anon, viewer):
         c.event_hooks = hooks
     async with pc, pe, anon, viewer:

@@ -25,6 +25,7 @@ import click
 
 from ahvbackup.core.cli import Context, pass_context
 from ahvbackup.core.cli.options import config_options, load_job_config, run_trio
+from ahvbackup.core.config import ModeView
 from ahvbackup.core.drivers import RestoreTarget
 from ahvbackup.core.errors import ConfigError, JobError
 from ahvbackup.core.jobs.backup import BackupJob
@@ -32,9 +33,14 @@ from ahvbackup.core.jobs.results import JobResult
 from ahvbackup.core.jobs.runtime import Runtime
 from ahvbackup.core.plugins import load_driver
 
-from .apply import StreamApplier, apply_blocking
+from .apply import StreamApplier, apply_stream
 from .job_handlers import backup_config
 from .sink import BaculaSink
+
+#: the mode registry's views: the reader backs up; the writer restores, and the -c files it
+#: shares with the reader may say mode=backup
+READER_VIEW = ModeView("ahvbackup bpipe backup", ("backup",))
+WRITER_VIEW = ModeView("ahvbackup bpipe restore", ("restore",), replayed=("backup", "estimate"))
 
 
 def _take_stdout() -> int:
@@ -72,8 +78,8 @@ def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     wanted = "incremental" if level == "auto" else level
     cfg = load_job_config(
         configs=configs, sets=sets, plugin_string=plugin_string, hooks=ctx.hooks,
-        verbose=ctx.verbose, overrides={"vm": vm_name, "mode": "backup", "level": wanted},
-        require=("prism_central", "user", "password"),
+        verbose=ctx.verbose, overrides={"vm": vm_name, "level": wanted},
+        require=("prism_central", "user", "password"), view=READER_VIEW,
     )
     cfg, warnings = backup_config(cfg)
     for warning in warnings:
@@ -117,10 +123,11 @@ def bpipe_restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...]
         raise ConfigError("--where: empty or '/'; give the restore job a where= folder "
                           "(the writer is run with %w)")
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
-                          hooks=ctx.hooks, verbose=ctx.verbose, overrides={"where": where})
+                          hooks=ctx.hooks, verbose=ctx.verbose, overrides={"where": where},
+                          view=WRITER_VIEW)
     target = load_driver("target", cfg.target, base=RestoreTarget)(cfg)
     applier = StreamApplier(target=target, dest=Path(where), name="stream on stdin")
-    out = apply_blocking(applier, lambda n: os.read(0, n))
+    out = run_trio(apply_stream, applier, lambda n: os.read(0, n))
     click.echo(f"ahvbackup: restored {out.vm_name} {out.label} ({out.kind}) to {out.path}: "
                f"{out.data_bytes} data bytes, {out.zero_bytes} zero bytes, "
                f"chain {'+'.join(out.backup_ids)}")

@@ -19,10 +19,10 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import trio
 
+from ahvbackup.core.config import Config
 from ahvbackup.core.containment import ContainmentError, check_part, folders_inside, open_inside
 from ahvbackup.core.drivers import RestoreTarget
 from ahvbackup.core.errors import ConfigError, SinkError
@@ -42,14 +42,14 @@ log = logging.getLogger("ahvbackup.bacula.jobs")
 STREAM_SUFFIX = ".ahvd"
 
 
-def backup_config(config: Any) -> tuple[Any, list[str]]:
+def backup_config(config: Config) -> tuple[Config, list[str]]:
     """The configuration a Bacula backup runs with, and warnings for what had to change.
 
     - retention (keep_fulls, keep_days) is Bacula's job: its Pool and Job retention apply;
     - verify_unchanged_sample needs to read the reference backup back, which lives in Bacula.
     """
     warnings = []
-    changes: dict[str, Any] = {"sink": "bacula"}
+    changes: dict[str, object] = {"sink": "bacula"}
     if config.keep_fulls or config.keep_days:
         changes.update(keep_fulls=0, keep_days=0)
         warnings.append("keep_fulls/keep_days do not apply to Bacula backups (Bacula's own "
@@ -58,7 +58,7 @@ def backup_config(config: Any) -> tuple[Any, list[str]]:
         changes["verify_unchanged_sample"] = 0.0
         warnings.append("verify_unchanged_sample needs the reference backup on this host; "
                         "not available with Bacula, ignored")
-    return dataclasses.replace(config, **changes), warnings
+    return dataclasses.replace(config, **changes), warnings  # type: ignore[arg-type]
 
 
 class JobHandlers(BackendHandlers):
@@ -187,10 +187,10 @@ class JobHandlers(BackendHandlers):
                                 name=file.fname)
         try:
             async for block in data:
-                await trio.to_thread.run_sync(applier.feed, block)
-            out = await trio.to_thread.run_sync(applier.finish)
+                await applier.feed(block)
+            out = await applier.finish()
         except BaseException:
-            applier.abort()
+            await applier.abort()
             raise
         await ctx.messages.info(
             f"disk restored: {out.path} ({out.kind}, {out.data_bytes} data bytes, "

@@ -15,7 +15,9 @@ the job log as packets, never on stderr:
 from __future__ import annotations
 
 __all__ = [
+    "JOB_VIEWS",
     "SESSION_KEYS",
+    "START_VIEWS",
     "Session",
     "parse_stat",
     "parse_tstamp",
@@ -33,8 +35,9 @@ from pathlib import Path
 
 import trio
 
-from ahvbackup.core.config import Config, load_config
+from ahvbackup.core.config import Config, ConfigSources, ModeView, assemble_config, pick_mode
 from ahvbackup.core.errors import AhvBackupError, ConfigError, our_errors
+from ahvbackup.core.plugins import Hooks
 
 from .channel import PacketChannel
 from .handlers import LEVELS, BackendContext, BackendHandlers, JobInfo, RestoreFile
@@ -53,6 +56,23 @@ _START = {
     "RestoreStart": "restore",
 }
 _KEY = re.compile(r"(--)?[A-Za-z_][A-Za-z0-9_-]*")
+
+# The mode registry's views for Bacula. A restore or estimate job replays the plugin string
+# of the FileSet the backup used, so mode=backup there is the backup's, not a disagreement.
+_BACKUP_MODES = ("backup", "estimate")
+#: by the Job block's Type, checked at Params (before anything is touched)
+JOB_VIEWS = {
+    "B": ModeView("a Bacula Backup job", _BACKUP_MODES),
+    "E": ModeView("a Bacula Estimate", ("estimate",), replayed=("backup",)),
+    "R": ModeView("a Bacula Restore job", ("restore",), replayed=_BACKUP_MODES),
+}
+ANY_JOB = ModeView("this Bacula job")
+#: by the start command, which picks the job that runs
+START_VIEWS = {
+    "backup": ModeView("BackupStart", ("backup",)),
+    "estimate": ModeView("EstimateStart", ("estimate",), replayed=("backup",)),
+    "restore": ModeView("RestoreStart", ("restore",), replayed=_BACKUP_MODES),
+}
 _S_IFREG = 0o100000
 _S_IFDIR = 0o040000
 
@@ -82,7 +102,9 @@ def validate_params(
     """Check the parameters with the configuration schema; one `ConfigError` lists all problems.
 
     Session parameters (`SESSION_KEYS`) are left out. The Job's ``Level`` (F/I/D) and
-    ``Where`` win over the plugin string, as Bacula decides those per job.
+    ``Where`` win over the plugin string, as Bacula decides those per job. Driver and hook
+    plugin keys are accepted like core keys, and `mode=` must be one the Job's type runs
+    (`JOB_VIEWS`), all through the same assembly as the command line.
     """
     bad = [k for k, _ in params if not _KEY.fullmatch(k)]
     if bad:
@@ -93,11 +115,10 @@ def validate_params(
         overrides["level"] = LEVELS[job.level_code]
     if job.where:
         overrides["where"] = job.where
-    return load_config(
-        files=list(config_files),
-        plugin_string=plugin_string_for(plugin, config_params),
-        overrides=overrides,
-    )
+    sources = ConfigSources(files=tuple(config_files),
+                            plugin_string=plugin_string_for(plugin, config_params),
+                            overrides=overrides)
+    return assemble_config(sources, hooks=Hooks(), view=JOB_VIEWS.get(job.type, ANY_JOB))
 
 
 def parse_stat(text: str) -> tuple[str, int, int, int, int, int]:
@@ -188,8 +209,8 @@ class _Emitter:
         chunks: AsyncIterable[bytes | bytearray | memoryview] | None = None,
         mode: int = 0o640,
     ) -> int:
-        if size < 0:
-            raise ValueError(f"{fname}: size must be >= 0 (got {size})")
+        if size < -1:  # -1: not known before the data (as Bacula's bpipe announces it)
+            raise ValueError(f"{fname}: size must be >= 0, or -1 for unknown (got {size})")
         ch = self._s.channel
         async with self._s.file_lock:
             await self._attributes(fname, f"F {size} 0 0 {_S_IFREG | mode:o} 1", mtime)
@@ -458,6 +479,13 @@ class Session:
                 return None
         ctx = self.ctx
         assert ctx is not None
+        if what in START_VIEWS:
+            try:  # the mode this start command runs; a disagreeing mode= fails the job here
+                ctx.config = pick_mode(ctx.config, START_VIEWS[what])
+            except ConfigError as err:
+                log.error("%s refused: %s", what, err)
+                await self.channel.send_message("A", f"{what} refused: {err}")
+                return None
         await self.channel.send_eod()
         self.phase = what
         log.info("%s started", what)
@@ -531,11 +559,16 @@ class Session:
         file = RestoreFile(fname=fname, type=ftype, size=size, mode=mode, uid=uid, gid=gid,
                            atime=atime, mtime=mtime, ctime=ctime, link=attrs.get("LSTAT"))
         wanted = [True]
-
-        async def ask() -> None:
+        failure: str | None = None  # a file refused (a name climbing out of where) fails alone
+        try:
             wanted[0] = await self.handlers.restore_wanted(ctx, file)
-
-        if not await self._guard(f"restore of {fname}", ask):
+        except Exception as exc:  # reported as this file's error, the job goes on
+            if any(isinstance(e, PeerClosedError) for e in our_errors(exc) or ()):
+                raise
+            failure, ours = _describe(exc)
+            if not ours:
+                log.exception("restore of %s failed with an internal error", fname)
+            log.error("restore of %s refused: %s", fname, failure)
             wanted[0] = False
         await self.channel.send_command("OK" if wanted[0] else "SKIP")
         log.info("restore %s: %s (%d bytes)", "extract" if wanted[0] else "skip", fname, size)
@@ -546,7 +579,6 @@ class Session:
             raise ProtocolError(f"expected DATA or a command after {fname}, got a "
                                 f"{packet.kind} packet")
         blocks = _DataBlocks(self.channel, present=has_data)
-        failure: str | None = None
         if wanted[0]:
             try:
                 await self.handlers.restore_file(ctx, file, blocks)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "ensure_dir", "fsync_dir"]
+__all__ = ["atomic_write_bytes", "atomic_write_json", "ensure_dir", "fsync_dir", "io_failure"]
 
 import json
 import os
@@ -51,3 +51,16 @@ def ensure_dir(path: Path, *, key: str) -> Path:
         raise ConfigError(f"{key} {path}: cannot use it as a folder "
                           f"({err.strerror or err})") from None
     return path
+
+
+def io_failure(path: Path, err: OSError) -> str:
+    """One line for a failed write: the path, the errno text and, for a full disk, what is
+    free there (an operator's first question)."""
+    text = f"{path}: {err.strerror or err}"
+    try:
+        st = os.statvfs(path.parent if not path.is_dir() else path)
+        text += f" ({st.f_bavail * st.f_frsize / (1 << 20):.1f} MiB free of " \
+                f"{st.f_blocks * st.f_frsize / (1 << 20):.1f} MiB)"
+    except OSError:
+        pass
+    return text

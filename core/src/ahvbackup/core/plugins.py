@@ -11,17 +11,21 @@ __all__ = [
     "AUTOLOAD_ENV",
     "DRIVER_KINDS",
     "HOOKS_GROUP",
+    "BrokenPlugin",
     "DriverKind",
     "Hooks",
     "InstalledPlugin",
+    "driver_classes",
+    "driver_names",
     "installed_plugins",
     "load_driver",
 ]
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, TypeVar
+from typing import Any, Literal, cast, overload
 
 import pluggy
 from stevedore import driver as sv_driver
@@ -33,8 +37,6 @@ from .errors import PluginError
 
 AUTOLOAD_ENV = "AHVBACKUP_DISABLE_PLUGIN_AUTOLOAD"
 HOOKS_GROUP = "ahvbackup.hooks"
-
-D = TypeVar("D", bound=Driver)
 
 
 @dataclass(frozen=True)
@@ -63,8 +65,28 @@ def _names(namespace: str) -> list[str]:
     return sorted({ep.name for ep in entry_points(group=namespace)})
 
 
-def load_driver(kind: str, name: str, *, base: type[D] | None = None) -> type[D]:
-    """Return the driver class that `name` selects for `kind`.
+# typed by kind, so a caller gets e.g. type[RestoreTarget] for "target" (`base` narrows
+# further; `object` there because mypy refuses an abstract class for a type[X] parameter)
+@overload
+def load_driver(kind: Literal["hypervisor"], name: str, *, base: object = ...
+                ) -> type[Hypervisor]: ...
+@overload
+def load_driver(kind: Literal["datapath"], name: str, *, base: object = ...) -> type[DataPath]: ...
+@overload
+def load_driver(kind: Literal["sink"], name: str, *, base: object = ...) -> type[Sink]: ...
+@overload
+def load_driver(kind: Literal["target"], name: str, *, base: object = ...
+                ) -> type[RestoreTarget]: ...
+@overload
+def load_driver(kind: Literal["transport"], name: str, *, base: object = ...
+                ) -> type[DrTransport]: ...
+@overload
+def load_driver(kind: str, name: str, *, base: object = ...) -> type[Driver]: ...
+
+
+def load_driver(kind: str, name: str, *, base: object = None) -> type[Driver]:
+    """Return the driver class that `name` selects for `kind` (a subclass of `base`, by
+    default the kind's base class).
 
     An unknown name is a `PluginError` naming the configuration key, the value and the
     installed choices; a driver that fails to import names the distribution's error.
@@ -76,7 +98,7 @@ def load_driver(kind: str, name: str, *, base: type[D] | None = None) -> type[D]
         failures.append(f"{ep.value}: {type(err).__name__}: {err}")
 
     try:
-        mgr = sv_driver.DriverManager(
+        mgr: sv_driver.DriverManager[Any] = sv_driver.DriverManager(
             namespace=spec.namespace,
             name=name,
             invoke_on_load=False,
@@ -98,13 +120,13 @@ def load_driver(kind: str, name: str, *, base: type[D] | None = None) -> type[D]
             f"driver named {name!r}; uninstall one"
         ) from None
     cls = mgr.driver
-    want = base or spec.base
+    want = base if isinstance(base, type) and issubclass(base, spec.base) else spec.base
     if not (isinstance(cls, type) and issubclass(cls, want)):
         raise PluginError(
             f"{spec.config_key}: {name!r} ({mgr.extensions[0].entry_point.value}) is not a "
             f"{want.__name__} subclass"
         )
-    return cls  # type: ignore[return-value]
+    return cls
 
 
 @dataclass(frozen=True)
@@ -138,23 +160,81 @@ def installed_plugins() -> list[InstalledPlugin]:
     return sorted(found, key=lambda p: (p.group, p.name, p.distribution))
 
 
+def driver_classes() -> tuple[list[tuple[DriverKind, type[Driver]]], list[BrokenPlugin]]:
+    """Every installed driver class of every kind, and the drivers that failed to load.
+
+    Used to collect the drivers' configuration keys; a driver that fails to import is
+    returned in the second list (for a warning) instead of stopping the caller.
+    """
+    found: list[tuple[DriverKind, type[Driver]]] = []
+    broken: list[BrokenPlugin] = []
+    for spec in DRIVER_KINDS.values():
+        for ep in sorted(entry_points(group=spec.namespace), key=lambda e: e.name):
+            try:
+                cls = ep.load()
+            except Exception as err:  # any failure of third-party code: warn, go on
+                broken.append(BrokenPlugin.from_failure(ep, err))
+                continue
+            if not (isinstance(cls, type) and issubclass(cls, spec.base)):
+                broken.append(BrokenPlugin(ep.group, ep.name, ep.value,
+                                           f"not a {spec.base.__name__} subclass"))
+                continue
+            found.append((spec, cls))
+    return found, broken
+
+
+def driver_names(kind: str) -> list[str]:
+    """The names of the installed drivers of `kind` (entry points only; nothing is imported)."""
+    return _names(DRIVER_KINDS[kind].namespace)
+
+
 def autoload_enabled() -> bool:
     return os.environ.get(AUTOLOAD_ENV, "").strip().lower() not in {"1", "true", "yes", "on"}
 
 
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An installed plugin that failed to import or to register; it is left out, with a warning."""
+
+    group: str
+    name: str
+    target: str
+    error: str
+
+    @classmethod
+    def from_failure(cls, ep: EntryPoint, err: BaseException) -> BrokenPlugin:
+        return cls(ep.group, ep.name, ep.value, f"{type(err).__name__}: {err}")
+
+    @property
+    def warning(self) -> str:
+        where = ", ".join(filter(None, [self.group, self.target]))
+        return f"plugin {self.name!r} ({where}) failed to load and is unavailable: {self.error}"
+
+
 class Hooks:
-    """The typed facade over pluggy. Every hook call in ahvbackup goes through here."""
+    """The typed facade over pluggy. Every hook call in ahvbackup goes through here.
+
+    A hook plugin that fails to import or register is left out and listed in `broken`, so
+    one bad third-party plugin cannot stop every command.
+    """
 
     def __init__(self, *, autoload: bool | None = None, plugins: tuple[object, ...] = ()) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
+        self.broken: list[BrokenPlugin] = []
         for plugin in plugins:
             self.pm.register(plugin)
         if autoload_enabled() if autoload is None else autoload:
+            self._load_entry_points()
+
+    def _load_entry_points(self) -> None:
+        for ep in sorted(entry_points(group=HOOKS_GROUP), key=lambda e: e.name):
+            if self.pm.has_plugin(ep.name) or self.pm.is_blocked(ep.name):
+                continue
             try:
-                self.pm.load_setuptools_entrypoints(HOOKS_GROUP)
-            except (ImportError, pluggy.PluginValidationError) as err:
-                raise PluginError(f"a hook plugin in {HOOKS_GROUP} failed to load: {err}") from err
+                self.pm.register(ep.load(), name=ep.name)
+            except Exception as err:  # any failure of third-party code: warn, go on
+                self.broken.append(BrokenPlugin.from_failure(ep, err))
 
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
@@ -168,6 +248,23 @@ class Hooks:
         for fields in self.pm.hook.ahvbackup_config_fields():
             merged.update(fields)
         return merged
+
+    def config_fields_by_plugin(self) -> list[tuple[str, dict[str, Any]]]:
+        """(plugin name, its keys) for every hook plugin that declares configuration keys.
+
+        A plugin whose hook raises is added to `broken` and left out.
+        """
+        out = []
+        for impl in self.pm.hook.ahvbackup_config_fields.get_hookimpls():
+            try:
+                fields = dict(cast("Mapping[str, Any] | None", impl.function()) or {})
+            except Exception as err:  # third-party code: warn, go on
+                self.broken.append(BrokenPlugin(HOOKS_GROUP, impl.plugin_name, "",
+                                                f"{type(err).__name__}: {err}"))
+                continue
+            if fields:
+                out.append((impl.plugin_name, fields))
+        return out
 
     # Lifecycle events (broadcast) --------------------------------------------------------------
     def job_started(self, *, job_id: str, mode: str, level: str) -> None:
@@ -217,3 +314,8 @@ class Hooks:
 
     def metric(self, *, name: str, value: float, labels: dict[str, str]) -> None:
         self.pm.hook.ahvbackup_metric(name=name, value=value, labels=labels)
+
+    def measure(self, labels: dict[str, str], **values: float) -> None:
+        """One `metric` per value, all with the same `labels` (docs/plugins.md names them)."""
+        for name, value in values.items():
+            self.metric(name=name, value=float(value), labels=labels)

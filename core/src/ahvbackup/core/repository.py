@@ -19,6 +19,7 @@ from __future__ import annotations
 
 __all__ = ["DirectorySink", "new_backup_id", "stream_name"]
 
+import contextlib
 import logging
 import os
 import shutil
@@ -34,7 +35,7 @@ import trio
 from .containment import safe_name
 from .drivers import BackupWriter, DamagedBackup, Inventory, Sink, StoredBackup
 from .errors import SinkError
-from .fsutil import atomic_write_bytes, ensure_dir, fsync_dir
+from .fsutil import atomic_write_bytes, ensure_dir, fsync_dir, io_failure
 from .manifest import Manifest, ManifestError
 from .model import VmInfo
 
@@ -69,19 +70,26 @@ class _DirectoryBackupWriter(BackupWriter):
     async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
         path = self.partial / stream_name(label)
         total = 0
-        f = await trio.to_thread.run_sync(open, path, "wb", limiter=_io_limiter)
         try:
-            async for chunk in chunks:
-                await trio.to_thread.run_sync(f.write, chunk, limiter=_io_limiter)
-                total += len(chunk)
-            await trio.to_thread.run_sync(_flush_sync, f, limiter=_io_limiter)
-        finally:
-            f.close()
+            f = await trio.to_thread.run_sync(open, path, "wb", limiter=_io_limiter)
+            try:
+                async for chunk in chunks:
+                    await trio.to_thread.run_sync(f.write, chunk, limiter=_io_limiter)
+                    total += len(chunk)
+                await trio.to_thread.run_sync(_flush_sync, f, limiter=_io_limiter)
+            finally:
+                with contextlib.suppress(OSError):  # a full disk fails the flush in close too
+                    f.close()
+        except OSError as err:
+            raise SinkError(f"repository: disk {label}: {io_failure(path, err)}") from err
         self.stored[label] = total
         return total
 
     async def commit(self, manifest: Manifest) -> StoredBackup:
-        atomic_write_bytes(self.partial / MANIFEST, manifest.to_bytes())
+        try:
+            atomic_write_bytes(self.partial / MANIFEST, manifest.to_bytes())
+        except OSError as err:
+            raise SinkError(f"repository: {io_failure(self.partial / MANIFEST, err)}") from err
         fsync_dir(self.partial)
         if self.replace and self.final.exists():
             old = self.final.with_name(f".replaced-{self.backup_id}-{os.getpid()}")

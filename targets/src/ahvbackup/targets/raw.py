@@ -28,6 +28,7 @@ from ahvbackup.core.drivers import (
     VmRestore,
 )
 from ahvbackup.core.errors import TargetError
+from ahvbackup.core.fsutil import io_failure
 from ahvbackup.core.model import DiskInfo
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -76,13 +77,19 @@ class RawImage:
 
     def write_at(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
-        while view:
-            n = os.pwrite(self.fd, view, offset)
-            view = view[n:]
-            offset += n
+        try:
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as err:
+            raise TargetError(f"raw target: {io_failure(self.path, err)}") from err
 
     def zero(self, offset: int, length: int) -> None:
-        punch_hole(self.fd, offset, length)
+        try:
+            punch_hole(self.fd, offset, length)
+        except OSError as err:
+            raise TargetError(f"raw target: {io_failure(self.path, err)}") from err
 
     def close(self) -> Path:
         """fsync and close (once)."""
@@ -90,6 +97,8 @@ class RawImage:
         if fd >= 0:
             try:
                 os.fsync(fd)
+            except OSError as err:
+                raise TargetError(f"raw target: {io_failure(self.path, err)}") from err
             finally:
                 os.close(fd)
         return self.path

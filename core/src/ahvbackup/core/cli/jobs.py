@@ -10,13 +10,19 @@ from typing import Any
 
 import click
 
+from ..config import ModeView, view_of_job
 from ..errors import JobError
 from ..jobs.backup import BackupJob
 from ..jobs.results import JobResult
 from ..jobs.runtime import Runtime
-from . import Context, emit, pass_context
-from .options import config_options, load_job_config, run_trio
+from .context import Context, emit, pass_context
+from .options import config_options, load_job_config, refuse_hosted_sink, run_trio
 from .progress import Meter
+
+#: `backup` runs the backup job's modes (backup, estimate: -o mode=estimate works too);
+#: `--estimate` runs estimate, also when a file says mode=backup
+BACKUP_VIEW = view_of_job("ahvbackup backup", "backup")
+ESTIMATE_VIEW = ModeView("ahvbackup backup --estimate", ("estimate",), replayed=("backup",))
 
 
 def _human_result(res: dict[str, Any]) -> str:
@@ -71,12 +77,12 @@ def backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
            plugin_string: str | None, level: str | None, estimate: bool) -> None:
     """Back up the VMs the configuration selects (vm=, exclude=, cluster=)."""
     overrides: dict[str, object] = {"level": level} if level else {}
-    if estimate:
-        overrides["mode"] = "estimate"
     cfg = load_job_config(
         configs=configs, sets=sets, plugin_string=plugin_string, hooks=ctx.hooks,
         verbose=ctx.verbose, overrides=overrides, require=("prism_central", "user", "password"),
+        view=ESTIMATE_VIEW if estimate else BACKUP_VIEW,
     )
+    refuse_hosted_sink(cfg)
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
     meter = Meter("backup", enabled=None if not ctx.json else False)
 
@@ -96,19 +102,30 @@ def list_backups(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     """List complete backups in the repository with sizes and times."""
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose)
+    refuse_hosted_sink(cfg)
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
     found = run_trio(rt.sink.backups, vm_filter)
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"backup_id": b.backup_id, "vm": b.vm_name, "vm_uuid": b.vm_uuid, "level": b.level,
-         "created": b.created, "disks": list(b.disks), "bytes_stored": b.bytes_stored}
+         "created": b.created, "disks": list(b.disks), "bytes_stored": b.bytes_stored,
+         "damaged": None}
         for b in found
     ]
+    # damaged entries are shown, flagged, never hidden (verify --all counts them too)
+    rows += [{"backup_id": d.backup_id, "vm": d.vm, "vm_uuid": d.vm, "level": "DAMAGED",
+              "created": 0.0, "disks": [], "bytes_stored": 0, "damaged": d.reason,
+              "where": d.where} for d in run_trio(rt.sink.damaged, vm_filter)]
 
     def human(rows: list[dict[str, Any]]) -> str:
         if not rows:
             return "no backups"
-        out = [f"{'BACKUP':<30} {'VM':<20} {'LEVEL':<12} {'CREATED (UTC)':<20} {'DISKS':>5} {'STORED':>15}"]
+        out = [f"{'BACKUP':<30} {'VM':<20} {'LEVEL':<12} {'CREATED (UTC)':<20} {'DISKS':>5} "
+               f"{'STORED':>15}"]
         for r in rows:
+            if r["damaged"]:
+                out.append(f"{r['backup_id'] or '-':<30} {r['vm']:<20} {'DAMAGED':<12} "
+                           f"{r['where']}: {r['damaged']}")
+                continue
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created"]))
             out.append(f"{r['backup_id']:<30} {r['vm']:<20} {r['level']:<12} {when:<20} "
                        f"{len(r['disks']):>5} {r['bytes_stored']:>15,}")

@@ -23,6 +23,7 @@ __all__ = [
     "SecretField",
     "Text",
     "invalid",
+    "shorten",
 ]
 
 import difflib
@@ -41,11 +42,13 @@ _ECHO_MAX = 60
 _NOT_ALLOWED: Any = object()
 
 
+def shorten(text: str, limit: int = _ECHO_MAX) -> str:
+    """`text` cut to `limit` characters, ending in ``...`` when cut (error lines stay short)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _shown(value: object) -> str:
-    text = str(value)
-    if len(text) > _ECHO_MAX:
-        text = text[: _ECHO_MAX - 3] + "..."
-    return repr(text)
+    return repr(shorten(str(value)))
 
 
 def invalid(problem: str, value: object, *, suggestion: str | None = None) -> ValidationError:

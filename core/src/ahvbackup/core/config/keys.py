@@ -121,7 +121,7 @@ KEYS: tuple[Key, ...] = (
     _k("prism_port", Int(**_PORT), 9440, "connection",
        "Prism Central HTTPS port (or give it as prism_central = host:port)."),
     _k("prism_api_version", Choice(("auto", "v3", "v4")), "auto", "connection",
-       "auto tries v4 first and falls back to v3."),
+       "auto tries v4 first and falls back to v3 (this version speaks v3)."),
     _k("user", Text(empty=None), None, "connection",
        "Prism user (must exist in Prism IAM, not only as LDAP pass-through)."),
     _k("password", SecretField(), None, "connection",
@@ -146,7 +146,8 @@ KEYS: tuple[Key, ...] = (
     # 7.3 data path
     _k("data_path", DriverName(), "auto", "datapath",
        "auto, iscsi or rest (or an installed third-party data path). auto picks iscsi when "
-       "the DSIP answers on 3260, else rest."),
+       "the DSIP answers on its iSCSI port, else rest; a disk whose target it does not offer "
+       "goes over rest, with a warning."),
     _k("dsip", IPv4(empty=None), None, "datapath",
        "Data Services IP of the cluster; discovered when unset.", default_text="probed"),
     _k("iscsi_initiator", Text(), "auto", "datapath",
@@ -157,8 +158,8 @@ KEYS: tuple[Key, ...] = (
        "Disks read in parallel per VM."),
     _k("chunk_size_mib", Int(**_POSITIVE), 1, "datapath",
        "Read size in MiB; larger helps sequential throughput."),
-    _k("prism_rate_rpm", Int(**_POSITIVE), 30, "datapath",
-       "Client-side cap on Prism API requests per minute."),
+    _k("prism_rate_rpm", Int(minimum=0), 30, "datapath",
+       "Client-side cap on Prism API requests per minute; 0 = no cap (a lab, not production)."),
     # 7.4 restore
     _k("mode", Choice(MODES), "backup", "restore",
        "What the job does; see the mode table."),

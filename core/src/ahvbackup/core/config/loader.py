@@ -9,10 +9,12 @@ per line, each line complete on its own.
 
 from __future__ import annotations
 
-__all__ = ["DEFAULT_CONFIG_FILE", "check_file_mode", "load_config", "read_key_value_file"]
+__all__ = ["DEFAULT_CONFIG_FILE", "MAX_FILE_BYTES", "check_file_mode", "load_config",
+           "read_key_value_file"]
 
 import grp
 import logging
+import os
 import re
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +29,7 @@ from marshmallow import fields as mm_fields
 from ..errors import ConfigError, PluginError
 from ..log import TRACE
 from ..secret import Secret
-from .fields import SecretField, closest
+from .fields import SecretField, closest, shorten
 from .keys import ALIASES, BY_NAME, KEYS, SECRET_KEYS, build_schema, canonical_key
 from .model import Config, HostPort, looks_secret
 from .plugin_string import PluginStringError, parse_plugin_string
@@ -38,6 +40,9 @@ DEFAULT_CONFIG_FILE = Path("/opt/bacula/etc/ahvbackup.conf")
 _log = logging.getLogger("ahvbackup.config")
 _KEY_SYNTAX = re.compile(r"(--)?[A-Za-z_][A-Za-z0-9_-]*")
 _LAST = 1 << 30
+#: configuration files and passfiles are small; anything larger is a mistake (or /dev/zero)
+MAX_FILE_BYTES = 1 << 20
+_NAME_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -126,20 +131,62 @@ def _unquote(value: str) -> str | None:
     return value
 
 
+def _read_small_file(path: Path, *, what: str) -> str:
+    """The text of a regular file of at most `MAX_FILE_BYTES`, a leading UTF-8 BOM dropped.
+
+    Anything else (a device such as /dev/zero, a FIFO, a directory, a huge file) is refused
+    by name before a byte is read: the open is non-blocking, so a FIFO cannot hang us, and
+    the type and size are checked on the opened descriptor, so a swap after a check cannot
+    slip past it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as err:
+        raise _cannot_read(what, path, err) from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} {path}: is {_file_kind(st.st_mode)}, not a regular file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ConfigError(f"{what} {path}: {st.st_size} bytes; the limit is "
+                              f"{MAX_FILE_BYTES} (1 MiB)")
+        data = b""
+        while len(data) <= MAX_FILE_BYTES and (more := os.read(fd, MAX_FILE_BYTES + 1 - len(data))):
+            data += more
+    except OSError as err:
+        raise _cannot_read(what, path, err) from err
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:  # it grew after the check
+        raise ConfigError(f"{what} {path}: larger than the limit of {MAX_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "an unusual file"
+
+
 def read_key_value_file(path: Path, *, what: str) -> list[tuple[str, str, int]]:
     """Read a ``key = value`` file into (key as written, value, line) triples.
 
     Lines whose first non-blank character is ``#`` are comments; a ``#`` elsewhere is part
     of the value. A value may be wrapped in double or single quotes to keep blanks at its
     ends (``\\"`` and ``\\\\`` inside double quotes). Errors name the file and line and
-    never quote the line, which might be a password.
+    never quote the line, which might be a password. The file must be a regular file of at
+    most 1 MiB; a UTF-8 byte order mark at its start is ignored.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{what} {path}: not UTF-8 text") from None
-    except OSError as err:
-        raise _cannot_read(what, path, err) from err
+    text = _read_small_file(path, what=what)
     out: list[tuple[str, str, int]] = []
     for lineno, line in enumerate(text.splitlines(), start=1):
         s = line.strip()
@@ -284,8 +331,10 @@ def _check_source(
     good: list[_Item] = []
     for item in items:
         if item.key not in all_fields:
-            hint = closest(item.key.replace("-", "_"), [*known, *ALIASES])
-            text = f"{item.where}: {item.written}: unknown key"
+            # no suggestion for a huge name: difflib is quadratic in its length
+            hint = (closest(item.key.replace("-", "_"), [*known, *ALIASES])
+                    if len(item.key) <= _NAME_MAX else None)
+            text = f"{item.where}: {shorten(item.written)}: unknown key"
             if hint:
                 text += f" (did you mean {hint!r}?)"
             problems.add(item.order, item.key, text)
@@ -295,7 +344,7 @@ def _check_source(
             at = prev.where.rpartition(":")[2] if prev.base else ""
             also = f" (first set on line {at})" if at else ""
             problems.add(item.order, item.key,
-                         f"{item.where}: {item.written}: set more than once{also}")
+                         f"{item.where}: {shorten(item.written)}: set more than once{also}")
             continue
         first[item.key] = item
         good.append(item)
@@ -310,7 +359,7 @@ def _check_source(
                 msg = "; ".join(str(m) for m in msgs) if isinstance(msgs, list) else str(msgs)
                 hidden = _is_secret(it.key, all_fields)
                 problems.add(it.order, it.key,
-                             f"{it.where}: {it.written}: {_phrase(msg, hidden)}")
+                             f"{it.where}: {it.written}: {shorten(_phrase(msg, hidden), 200)}")
     out: list[tuple[_Item, object]] = []
     for it in good:
         if it.key not in loaded:

@@ -11,9 +11,14 @@ __all__ = ["SECRET_HINTS", "Config", "HostPort", "looks_secret"]
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from ..secret import Secret
+
+if TYPE_CHECKING:
+    from .settings import PluginSettings
+
+S = TypeVar("S", bound="PluginSettings")
 
 #: words that mark a key as holding a secret even when its field is not a SecretField
 SECRET_HINTS = ("password", "passwd", "secret", "token", "psk", "private_key")
@@ -116,6 +121,17 @@ class Config:
     def key_names(cls) -> tuple[str, ...]:
         """The configuration keys (every attribute except extra, sources and warnings)."""
         return tuple(f.name for f in fields(cls) if f.name not in _BOOKKEEPING)
+
+    def settings(self, keys: type[S]) -> S:
+        """A plugin's own keys, typed (see `ahvbackup.core.config.settings`): the values
+        loaded for them, defaults included."""
+        names = [f.name for f in fields(keys)]
+        missing = [n for n in names if n not in self.extra]
+        if missing:
+            raise KeyError(f"{keys.__name__}: {', '.join(missing)} not in this configuration "
+                           "(is the plugin's config_schema or ahvbackup_config_fields set?)")
+        values: dict[str, Any] = {n: self.extra[n] for n in names}
+        return keys(**values)
 
     @property
     def network_map_dict(self) -> dict[str, str]:

@@ -614,7 +614,9 @@ class _VmFailed(AhvBackupError):
 
 def _all_disks_ok(vr: VmResult) -> None:
     """A VM is kept only whole: one failed disk fails it (and its backup is not committed)."""
-    failed = [d.label for d in vr.disks if not d.ok]
+    failed = [d for d in vr.disks if not d.ok]
     if failed:
-        vr.error = f"disk(s) {', '.join(failed)} failed; no backup of this VM was kept"
+        why = "; ".join(f"{d.label}: {d.error}" for d in failed if d.error)
+        vr.error = (f"disk(s) {', '.join(d.label for d in failed)} failed"
+                    + (f" ({why})" if why else "") + "; no backup of this VM was kept")
         raise _VmFailed(vr.error)

@@ -8,12 +8,9 @@ import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import trio
-
+from ..config import Config
 from ..drivers import DataPath, Hypervisor, HypervisorSession, RestoreTarget, Sink
-from ..errors import AhvBackupError
 from ..ledger import Ledger, Record, release_record
 from ..plugins import Hooks, load_driver
 from ..state import StateStore
@@ -23,7 +20,7 @@ log = logging.getLogger("ahvbackup.job")
 
 @dataclass
 class Runtime:
-    config: Any
+    config: Config
     hooks: Hooks
     job_id: str
     hypervisor: Hypervisor
@@ -32,20 +29,21 @@ class Runtime:
     states: StateStore
 
     @classmethod
-    def from_config(cls, config: Any, *, hooks: Hooks | None = None) -> Runtime:
+    def from_config(cls, config: Config, *, hooks: Hooks | None = None) -> Runtime:
         state_dir = Path(config.state_dir)
+        hooks = hooks or Hooks()
         return cls(
             config=config,
-            hooks=hooks or Hooks(),
+            hooks=hooks,
             job_id=uuid.uuid4().hex[:12],
-            hypervisor=load_driver("hypervisor", config.hypervisor)(config),
-            sink=load_driver("sink", config.sink)(config),
-            ledger=Ledger(state_dir),
+            hypervisor=load_driver("hypervisor", config.hypervisor, base=Hypervisor)(config),
+            sink=load_driver("sink", config.sink, base=Sink)(config),
+            ledger=Ledger(state_dir, hooks=hooks),
             states=StateStore(state_dir),
         )
 
     def target(self, name: str | None = None) -> RestoreTarget:
-        return load_driver("target", name or self.config.target)(self.config)
+        return load_driver("target", name or self.config.target, base=RestoreTarget)(self.config)
 
     async def sweep(self, session: HypervisorSession) -> list[Record]:
         """Release what killed jobs left behind; returns what could not be released."""
@@ -57,32 +55,13 @@ class Runtime:
             log.info("releasing leftover %s", rec.describe())
             if not await release_record(self.ledger, rec, session.release):
                 left.append(rec)
-            else:
-                self.hooks.resource_released(
-                    kind=rec.kind, resource_id=rec.resource_id, owner=rec.owner, ok=True
-                )
-        sweep = getattr(self.sink, "sweep_partials", None)
-        if sweep is not None:
-            for path in sweep():
-                log.info("removed an interrupted backup's partial data: %s", path)
+        for path in self.sink.sweep_partials():
+            log.info("removed an interrupted backup's partial data: %s", path)
         return left
 
 
-async def resolve_data_path(config: Any, session: HypervisorSession) -> DataPath:
-    """`data_path=auto`: iscsi when the cluster's data services address answers on its iSCSI
-    port and the iscsi driver is installed, else rest. The choice is logged."""
-    name = config.data_path
-    if name == "auto":
-        name = "rest"
-        portal = await session.iscsi_portal()
-        if portal is not None:
-            try:
-                load_driver("datapath", "iscsi")
-                with trio.move_on_after(3):
-                    stream = await trio.open_tcp_stream(*portal)
-                    await stream.aclose()
-                    name = "iscsi"
-            except (OSError, AhvBackupError) as err:  # not installed or not answering
-                log.debug("iscsi not usable: %s", err)
-        log.info("data_path=auto: using %s", name)
-    return load_driver("datapath", name)(config)
+async def resolve_data_path(config: Config, session: HypervisorSession) -> DataPath:
+    """The configured data path. `auto` is a driver of its own (ahvbackup-transports): it
+    decides per disk, iSCSI where the cluster offers the disk's target, else REST."""
+    del session  # the choice is the driver's, made when it opens each disk
+    return load_driver("datapath", config.data_path, base=DataPath)(config)

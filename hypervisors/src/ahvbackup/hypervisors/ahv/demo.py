@@ -1,9 +1,12 @@
 """`ahvbackup demo`: the main job, end to end, against the embedded simulator.
 
-Starts a seeded simulator (Prism Central + Prism Element over HTTPS with its own CA), backs up
-every VM, restores one VM's disks as raw files, checks them byte for byte against the VM's disks
-in the simulator (unchanged since the snapshot), verifies every stream, checks the cluster was
-left with no snapshot or image of ours, and prints a summary.
+Starts a seeded simulator (Prism Central + Prism Element over HTTPS with its own CA, and its
+iSCSI target on free ports of its own, so another simulator or iSCSI target on the machine does
+not matter), backs up every VM over iSCSI (the recommended data path), restores one VM's disks
+as raw files, checks them byte for byte against the VM's disks in the simulator (unchanged since
+the snapshot), verifies every stream, checks the cluster was left with nothing of ours but the
+reference snapshots, and prints a summary. A failure is one error line (exit 1) and keeps the
+work files, whose ahvbackup.log has the detail.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,14 +26,16 @@ import click
 import trio
 
 from ahvbackup.core.cli import Context, emit, pass_context
-from ahvbackup.core.config import load_config
-from ahvbackup.core.errors import JobError
+from ahvbackup.core.config import Config, load_config
+from ahvbackup.core.errors import ConfigError, JobError, our_errors
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, VerifyJob
+from ahvbackup.core.jobs.results import JobResult
 from ahvbackup.core.jobs.runtime import Runtime
 from ahvbackup.core.log import configure_logging
 
-from .simulator import Simulator, serve_simulator
+from .driver import AhvKeys
+from .simulator import Endpoints, Simulator, serve_simulator
 
 USER, PASSWORD = "backup", "backup/4u"  # the simulator's seeded Backup Admin
 BLOCK = 4 << 20
@@ -80,30 +87,60 @@ def _same_bytes(sim: Simulator, disk_id: str, path: Path) -> bool:
         store.delete_snapshot(disk_id, snap)
 
 
+def _config(work: Path, ep: Endpoints, *, verbose: int, **keys: str) -> Config:
+    """The demo's job configuration: its own simulator's Prism and iSCSI portal, a passfile
+    (as an operator would keep the password), and a rate limit the simulator does not need."""
+    passfile = work / "backup.pass"
+    if not passfile.exists():
+        passfile.touch(mode=0o600)
+        passfile.write_text(f"password = {PASSWORD}\n")
+    ((_dsip, iscsi_port),) = set(ep.iscsi_portals.values())
+    return load_config(overrides={
+        "prism_central": ep.pc_url.split("://", 1)[1], "user": USER, "passfile": str(passfile),
+        "prism_ca_cert": str(ep.ca_path), "state_dir": str(work / "state"),
+        "repository": str(work / "repository"), "working_dir": str(work),
+        "debug_log": str(work / "ahvbackup.log"), "verbose": str(verbose),
+        "prism_rate_rpm": "6000", "data_path": "iscsi", "iscsi_port": str(iscsi_port),
+        **keys,
+    }, extra_fields=dict(AhvKeys().fields))
+
+
+async def _backup_all(sim: Simulator, work: Path, ep: Endpoints, *,
+                      verbose: int) -> list[JobResult]:
+    """Back up every VM: application-consistent where guest tools allow it, crash-consistent
+    (chosen, so nothing warns) where the demo inventory has none."""
+    capable = sorted(v.name for v in sim.vms.values() if v.app_consistent_capable)
+    others = sorted(v.name for v in sim.vms.values() if not v.app_consistent_capable)
+    results = []
+    for names, consistent in ((capable, "true"), (others, "false")):
+        if names:
+            cfg = _config(work, ep, verbose=verbose, vm=",".join(names),
+                          application_consistent=consistent)
+            result = await BackupJob(Runtime.from_config(cfg)).run()
+            if not result.ok:
+                raise JobError(f"the backup failed for {', '.join(result.failed)}")
+            results.append(result)
+    return results
+
+
 async def run_demo(work: Path, *, verbose: int) -> dict[str, Any]:
     started = time.monotonic()
     sim = Simulator(work / "simulator", seed=True)
     async with serve_simulator(sim, port=0, tls=True) as ep:
-        cfg = load_config(overrides={
-            "prism_central": ep.pc_url.split("://", 1)[1], "user": USER, "password": PASSWORD,
-            "prism_ca_cert": str(ep.ca_path), "state_dir": str(work / "state"),
-            "repository": str(work / "repository"), "working_dir": str(work),
-            "debug_log": str(work / "ahvbackup.log"), "verbose": str(verbose),
-            "prism_rate_rpm": "6000",
-        })
+        cfg = _config(work, ep, verbose=verbose)
         configure_logging(verbose=verbose, debug_log=cfg.debug_log)
         rt = Runtime.from_config(cfg)
         inventory = [
             {"vm": v.name, "disks": len(v.data_disks), "ngt": v.app_consistent_capable}
             for v in sorted(sim.vms.values(), key=lambda v: v.name)
         ]
-        backup = await BackupJob(rt).run()
-        if not backup.ok:
-            raise JobError(f"demo backup failed: {', '.join(backup.failed)}")
-        backup_seconds = backup.seconds
+        jobs = await _backup_all(sim, work, ep, verbose=verbose)
+        backup_seconds = sum(j.seconds for j in jobs)
+        backed_up = [vm for j in jobs for vm in j.vms]
+        ((dsip, iscsi_port),) = set(ep.iscsi_portals.values())
 
         # restore the VM with the most disks, and compare with the simulator's disks
-        chosen = max(backup.vms, key=lambda v: (len(v.disks), v.vm_name))
+        chosen = max(backed_up, key=lambda v: (len(v.disks), v.vm_name))
         stored = [b for b in await rt.sink.backups(chosen.vm_uuid)][-1]
         restored = await RestoreJob(rt, stored, dest=work / "restore").run()
         vm = sim.vms[chosen.vm_uuid]
@@ -118,25 +155,30 @@ async def run_demo(work: Path, *, verbose: int) -> dict[str, Any]:
         # each VM's snapshot stays as the reference of its next incremental; anything else
         # (another snapshot, an image, a volume group) would be debris
         references: set[str] = set()
-        for vm_result in backup.vms:
+        for vm_result in backed_up:
             state, _ = rt.states.load(vm_result.vm_uuid)
             references |= state.snapshot_ids() if state else set()
         leftovers = {
             "reference_snapshots": len(set(sim.snapshots) & references),
             "other_snapshots": len(set(sim.snapshots) - references),
             "images": len(sim.images),
+            "volume_groups": len(sim.volume_groups.groups),
         }
+        bytes_over_iscsi = sim.volume_groups.bytes_read
     total = time.monotonic() - started
     return {
         "inventory": inventory,
-        "vms": len(backup.vms),
-        "disks": sum(len(v.disks) for v in backup.vms),
-        "bytes_provisioned": sum(d.size for v in backup.vms for d in v.disks),
-        "bytes_read": sum(v.bytes_read for v in backup.vms),
-        "bytes_stored": sum(v.bytes_stored for v in backup.vms),
+        "vms": len(backed_up),
+        "disks": sum(len(v.disks) for v in backed_up),
+        "bytes_provisioned": sum(d.size for v in backed_up for d in v.disks),
+        "bytes_read": sum(v.bytes_read for v in backed_up),
+        "bytes_stored": sum(v.bytes_stored for v in backed_up),
+        "data_path": "iscsi",
+        "iscsi_portal": f"{dsip}:{iscsi_port}",
+        "bytes_read_over_iscsi": bytes_over_iscsi,
         "backup_seconds": round(backup_seconds, 2),
         "read_throughput_mb_s": round(
-            sum(v.bytes_read for v in backup.vms) / backup_seconds / 1e6, 1
+            sum(v.bytes_read for v in backed_up) / backup_seconds / 1e6, 1
         ),
         "restored_vm": chosen.vm_name,
         "restore_check": checks,
@@ -144,13 +186,13 @@ async def run_demo(work: Path, *, verbose: int) -> dict[str, Any]:
         "verify_failures": [f for v in verified for f in v.failed],
         "left_on_cluster": leftovers,
         "seconds": round(total, 2),
-        "work_dir": str(work),
     }
 
 
 def _human(r: dict[str, Any]) -> str:
     lines = ["Simulated inventory:"]
-    lines += [f"  {i['vm']:<10} disks={i['disks']} ngt={'yes' if i['ngt'] else 'no'}"
+    lines += [f"  {i['vm']:<10} disks={i['disks']} ngt={'yes' if i['ngt'] else 'no ':<4}"
+              f"{'application' if i['ngt'] else 'crash'}-consistent snapshot"
               for i in r["inventory"]]
     lines.append(
         f"Backed up {r['vms']} VMs, {r['disks']} disks ({r['bytes_provisioned'] / 2**30:.1f} GiB "
@@ -158,6 +200,8 @@ def _human(r: dict[str, Any]) -> str:
         f"stored {r['bytes_stored'] / 2**20:.1f} MiB in {r['backup_seconds']} s "
         f"({r['read_throughput_mb_s']} MB/s of allocated data)"
     )
+    lines.append(f"  over iSCSI from the cluster's iSCSI portal {r['iscsi_portal']} "
+                 f"({r['bytes_read_over_iscsi'] / 2**20:.1f} MiB through volume groups)")
     lines.append(f"Restored {r['restored_vm']} to raw files:")
     lines += [f"  {c['disk']:<8} {c['size']:>13,} bytes  "
               f"{'byte-identical to the simulator' if c['identical'] else 'DIFFERENT'}"
@@ -167,10 +211,64 @@ def _human(r: dict[str, Any]) -> str:
     left = r["left_on_cluster"]
     lines.append(
         f"Left on the cluster: {left['reference_snapshots']} reference snapshots (kept for the "
-        f"next incremental), {left['other_snapshots']} other snapshots, {left['images']} images"
+        f"next incremental), {left['other_snapshots']} other snapshots, {left['images']} "
+        f"images, {left['volume_groups']} volume groups"
     )
-    lines.append(f"Done in {r['seconds']} s (work files in {r['work_dir']})")
+    where = (f"work files in {r['work_dir']}" if r["work_dir"]
+             else "work files removed; --keep DIR keeps them")
+    lines.append(f"Done in {r['seconds']} s ({where})")
     return "\n".join(lines)
+
+
+def _problem(r: dict[str, Any]) -> str | None:
+    """What the summary shows went wrong, if anything."""
+    bad = [c["disk"] for c in r["restore_check"] if not c["identical"]]
+    left = r["left_on_cluster"]
+    if bad:
+        return f"restored disk(s) {', '.join(bad)} differ from the simulator's"
+    if r["verify_failures"]:
+        return f"verify failed for {', '.join(r['verify_failures'])}"
+    if left["other_snapshots"] or left["images"] or left["volume_groups"]:
+        return "the backup left snapshots, images or volume groups on the cluster"
+    if left["reference_snapshots"] != r["vms"]:
+        return f"{left['reference_snapshots']} reference snapshots kept for {r['vms']} VMs"
+    if not r["bytes_read_over_iscsi"]:
+        return "nothing was read over iSCSI"
+    return None
+
+
+def _run(work: Path, *, verbose: int) -> dict[str, Any]:
+    """Run the demo; any failure becomes one JobError line (the traceback goes to the log)."""
+    try:
+        return trio.run(partial(run_demo, work, verbose=verbose))
+    except Exception as err:  # a demo never ends in a traceback
+        errors: list[BaseException] = list(our_errors(err) or [])
+        if errors:
+            raise JobError(f"demo failed: {errors[0]}") from None
+        # a bug: its traceback goes to the debug log, which the failure keeps
+        with (work / "ahvbackup.log").open("a") as f:
+            f.write("".join(traceback.format_exception(err)))
+        cause = _first_leaf(err)
+        raise JobError(f"demo failed: {type(cause).__name__}: {cause}") from None
+
+
+def _first_leaf(err: BaseException) -> BaseException:
+    while isinstance(err, BaseExceptionGroup):
+        err = err.exceptions[0]
+    return err
+
+
+def _empty_folder(keep: Path) -> None:
+    """Make `keep` an empty folder; only an earlier demo's folder is emptied, never others."""
+    try:
+        if keep.exists():
+            if any(keep.iterdir()) and not (keep / "simulator" / "inventory.json").exists():
+                raise ConfigError(f"--keep {keep}: holds files of something other than an "
+                                  "earlier demo; name a new or empty folder")
+            shutil.rmtree(keep)
+        keep.mkdir(parents=True)
+    except OSError as err:
+        raise ConfigError(f"--keep {keep}: {err.strerror or err}") from None
 
 
 @click.command()
@@ -179,19 +277,18 @@ def _human(r: dict[str, Any]) -> str:
 @pass_context
 def demo(ctx: Context, keep: Path | None) -> None:
     """Back up every VM of a simulated cluster, restore one, and prove it byte-identical."""
+    if keep is not None:
+        _empty_folder(keep)
     work = keep or Path(tempfile.mkdtemp(prefix="ahvbackup-demo-"))
-    if keep is not None and keep.exists():
-        shutil.rmtree(keep)
-    work.mkdir(parents=True, exist_ok=True)
+    kept = f"work files kept in {work} (ahvbackup.log has the detail)"
     try:
-        result = trio.run(lambda: run_demo(work, verbose=ctx.verbose or 1))
-        emit(ctx, result, _human)
-        bad = [c["disk"] for c in result["restore_check"] if not c["identical"]]
-        left = result["left_on_cluster"]
-        debris = left["other_snapshots"] or left["images"]
-        references_ok = left["reference_snapshots"] == result["vms"]
-        if bad or result["verify_failures"] or debris or not references_ok:
-            raise JobError("the demo found a problem (see above)")
-    finally:
-        if keep is None:
-            shutil.rmtree(work, ignore_errors=True)
+        result = _run(work, verbose=ctx.verbose or 1)
+    except JobError as err:
+        raise JobError(f"{err}; {kept}") from None
+    problem = _problem(result)
+    result["work_dir"] = str(work) if keep or problem else None
+    emit(ctx, result, _human)
+    if problem:
+        raise JobError(f"demo failed: {problem}; {kept}")
+    if keep is None:
+        shutil.rmtree(work, ignore_errors=True)

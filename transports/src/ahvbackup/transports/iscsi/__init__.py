@@ -23,6 +23,7 @@ __all__ = [
     "IscsiLoginError",
     "IscsiProtocolError",
     "IscsiSession",
+    "IscsiTargetNotOffered",
     "Sense",
     "SessionParams",
     "discover",
@@ -36,6 +37,7 @@ from .errors import (
     IscsiError,
     IscsiLoginError,
     IscsiProtocolError,
+    IscsiTargetNotOffered,
 )
 from .initiator import DiscoveredTarget, IscsiSession, discover
 from .login import ChapCredentials, SessionParams

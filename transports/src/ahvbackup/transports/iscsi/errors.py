@@ -14,6 +14,7 @@ __all__ = [
     "IscsiError",
     "IscsiLoginError",
     "IscsiProtocolError",
+    "IscsiTargetNotOffered",
 ]
 
 from ahvbackup.core.errors import DataPathError
@@ -63,6 +64,12 @@ class IscsiProtocolError(IscsiError):
 
 class IscsiDigestError(IscsiProtocolError):
     """A header or data CRC32C digest did not match: the PDU was corrupted in transit."""
+
+
+class IscsiTargetNotOffered(IscsiError):
+    """The portal does not offer the disk's target to us: discovery lists other targets (another
+    iSCSI service on that address), or nothing answers there. Nothing of the disk was read, so
+    `data_path=auto` reads it over REST instead."""
 
 
 class IscsiCommandError(IscsiError):

@@ -1,7 +1,9 @@
 """The Prism simulator: a Prism Central and Prism Element listeners over one simulated inventory.
 
-Start one in tests with ``Simulator(tmp_path)`` and either talk to ``sim.pc_app()`` /
-``sim.pe_app()`` in-process (``httpx.ASGITransport``) or ``async with serve_simulator(sim) as
+They speak v3 (``v3/``) and, unless ``Simulator(v4=False)``, v4 (``v4/``) over the same model.
+
+Start one in tests with ``Simulator(tmp_path)`` and either talk to ``pc_app(sim)`` /
+``pe_app(sim)`` in-process (``httpx.ASGITransport``) or ``async with serve_simulator(sim) as
 endpoints:`` over real sockets. See docs/simulator.md.
 """
 
@@ -21,13 +23,18 @@ __all__ = [
     "Simulator",
     "SimulatorError",
     "Stats",
+    "VolumeGroups",
+    "pc_app",
+    "pe_app",
     "seed_pattern",
     "serve_simulator",
 ]
 
-from .app import PC_COOKIE, PE_COOKIE
+from .app import PC_COOKIE, PE_COOKIE, pc_app, pe_app
+from .errors import EntityConflict, EntityNotFound, InvalidRequest, SimulatorError
 from .faults import FaultRule, Faults, Stats
 from .seed import seed_pattern
 from .serve import Endpoints, serve_simulator
-from .simulator import EntityConflict, EntityNotFound, InvalidRequest, Simulator, SimulatorError
+from .simulator import Simulator
 from .users import ROLES, SEED_USERS
+from .volume_groups import VolumeGroups

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 __all__ = [
-    "BadRequest",
-    "Forbidden",
     "Listener",
     "guarded",
     "injected_failure",
@@ -17,27 +15,20 @@ import functools
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
 from starlette.requests import Request
 from starlette.responses import Response
 
-from .simulator import InvalidRequest, Simulator, SimulatorError
+from .errors import BadRequest, Forbidden, InvalidRequest
+
+if TYPE_CHECKING:
+    from .simulator import Simulator
 
 T = TypeVar("T")
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-class BadRequest(SimulatorError):
-    status = 400
-    reason = "INVALID_REQUEST"
-
-
-class Forbidden(SimulatorError):
-    status = 403
-    reason = "ACCESS_DENIED"
 
 
 @dataclass

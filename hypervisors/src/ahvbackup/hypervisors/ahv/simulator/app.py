@@ -1,18 +1,21 @@
 """One ASGI app per listener: request counting, fault injection, authentication, then routing.
 
-Route sets are listed in ``_route_sets``: the v3 API (and the simulator control API on Prism
-Central) today; the v4 namespaces (``/api/vmm``, ``/api/clustermgmt``, ``/api/dataprotection``,
-``/api/volumes``, ``/api/prism``) are meant to be added there as further route modules.
+``pc_app(sim)`` and ``pe_app(sim, cluster_uuid)`` build them. Which routes each listener serves
+is the table ``PC_ROUTES`` / ``PE_ROUTES``: one entry per route module, each a function that
+returns that module's routes. The v4 namespaces (``/api/vmm``, ``/api/clustermgmt``,
+``/api/dataprotection``, ``/api/volumes``, ``/api/prism``) go there as further modules beside
+v3, over the same ``Simulator``.
 """
 
 from __future__ import annotations
 
-__all__ = ["PC_COOKIE", "PE_COOKIE", "ListenerApp"]
+__all__ = ["PC_COOKIE", "PC_ROUTES", "PE_COOKIE", "PE_ROUTES", "ListenerApp", "pc_app", "pe_app"]
 
 import base64
 import binascii
+from collections.abc import Callable, Sequence
 from http.cookies import CookieError, SimpleCookie
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.applications import Starlette
@@ -26,11 +29,18 @@ from ._http import Listener
 from .control import PREFIX as CONTROL_PREFIX
 from .control import control_routes
 from .diskstore import UnknownDiskError, UnknownSnapshotError
-from .simulator import Simulator, SimulatorError
+from .errors import SimulatorError
 from .users import User
 from .v2_volume_groups import volume_group_routes
-from .v3_render import error_body
-from .v3_routes import pc_routes, pe_routes
+from .v3 import pc_routes, pe_routes
+from .v3.render import error_body
+from .v4 import error_body as v4_error_body
+from .v4 import is_v4_path, v4_namespace
+from .v4 import pc_routes as v4_pc_routes
+from .v4 import pe_routes as v4_pe_routes
+
+if TYPE_CHECKING:
+    from .simulator import Simulator
 
 PC_COOKIE = "NTNX_IAM_SESSION"
 # UNVERIFIED: the name a real Prism Element gives its session cookie (doc 1.1 mentions it only
@@ -40,10 +50,24 @@ PE_COOKIE = "NTNX_IGW_SESSION"
 _REALM = 'Basic realm="Intent Gateway"'
 
 
-def _route_sets(*, pc: bool) -> list[Route]:
-    if pc:
-        return [*pc_routes(), *control_routes()]
-    return [*pe_routes(), *volume_group_routes()]
+RouteSet = Callable[[], list[Route]]
+
+#: the route modules of each listener, matched in this order (v4 modules go beside v3)
+PC_ROUTES: tuple[RouteSet, ...] = (pc_routes, v4_pc_routes, control_routes)
+PE_ROUTES: tuple[RouteSet, ...] = (pe_routes, volume_group_routes, v4_pe_routes)
+
+
+def pc_app(sim: Simulator) -> ListenerApp:
+    """The Prism Central ASGI app (served, or in-process through ``httpx.ASGITransport``)."""
+    return ListenerApp(sim, name="pc", cluster_uuid=None, routes=PC_ROUTES)
+
+
+def pe_app(sim: Simulator, cluster_uuid: str | None = None) -> ListenerApp:
+    """The ASGI app of one Prism Element (default: the first cluster)."""
+    uuid = cluster_uuid or next(iter(sim.clusters))
+    sim.cluster(uuid)  # an unknown cluster is refused here, not on the first request
+    n = list(sim.clusters).index(uuid) + 1
+    return ListenerApp(sim, name=f"pe{n}", cluster_uuid=uuid, routes=PE_ROUTES)
 
 
 def _kind_of(path: str) -> str:
@@ -55,7 +79,15 @@ def _kind_of(path: str) -> str:
 
 def _error(status: int, reason: str, message: str, *, kind: str = "",
            details: dict[str, Any] | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+           headers: dict[str, str] | None = None, scope: Scope | None = None) -> JSONResponse:
+    """The error answer: the v4 envelope of the namespace for a v4 path (``scope`` given), else
+    the v3 one."""
+    ns = v4_namespace(scope["path"]) if scope is not None else None
+    if ns is not None:
+        assert scope is not None
+        body = v4_error_body(ns, scope.get("v4.response_type", ""), status=status, reason=reason,
+                             message=message, details=details)
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(
         error_body(status=status, reason=reason, message=message, kind=kind, details=details),
         status_code=status, headers=headers,
@@ -64,8 +96,9 @@ def _error(status: int, reason: str, message: str, *, kind: str = "",
 
 async def _on_sim_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SimulatorError)
+    headers = {"WWW-Authenticate": _REALM} if exc.status == 401 else None
     return _error(exc.status, exc.reason, exc.message, kind=exc.kind or _kind_of(request.url.path),
-                  details=exc.details)
+                  details=exc.details, headers=headers, scope=request.scope)
 
 
 async def _on_http_error(request: Request, exc: Exception) -> Response:
@@ -75,15 +108,17 @@ async def _on_http_error(request: Request, exc: Exception) -> Response:
     message = (f"no such endpoint: {request.method} {request.url.path}"
                if exc.status_code in (404, 405) else str(exc.detail))
     return _error(exc.status_code, reason, message, kind=_kind_of(request.url.path),
-                  headers=dict(exc.headers) if exc.headers else None)
+                  headers=dict(exc.headers) if exc.headers else None, scope=request.scope)
 
 
 async def _on_store_error(request: Request, exc: Exception) -> Response:
-    return _error(404, "ENTITY_NOT_FOUND", str(exc), kind=_kind_of(request.url.path))
+    return _error(404, "ENTITY_NOT_FOUND", str(exc), kind=_kind_of(request.url.path),
+                  scope=request.scope)
 
 
 async def _on_value_error(request: Request, exc: Exception) -> Response:
-    return _error(422, "INVALID_REQUEST", str(exc), kind=_kind_of(request.url.path))
+    return _error(422, "INVALID_REQUEST", str(exc), kind=_kind_of(request.url.path),
+                  scope=request.scope)
 
 
 class _Dropped(Exception):
@@ -93,13 +128,15 @@ class _Dropped(Exception):
 class ListenerApp:
     """The ASGI app of one listener (Prism Central if ``cluster_uuid`` is None, else a PE)."""
 
-    def __init__(self, sim: Simulator, *, name: str, cluster_uuid: str | None) -> None:
+    def __init__(self, sim: Simulator, *, name: str, cluster_uuid: str | None,
+                 routes: Sequence[RouteSet]) -> None:
         self.sim = sim
         self.name = name
         self.is_pc = cluster_uuid is None
+        self.cluster_uuid = cluster_uuid
         self.cookie_name = PC_COOKIE if self.is_pc else PE_COOKIE
         self.router = Starlette(
-            routes=_route_sets(pc=self.is_pc),
+            routes=[route for route_set in routes for route in route_set()],
             exception_handlers={
                 SimulatorError: _on_sim_error,
                 HTTPException: _on_http_error,
@@ -145,12 +182,18 @@ class ListenerApp:
                     send = _dropping(send, rule.drop_after_bytes)
                 if rule.task_fail:
                     scope["sim.task_fail"] = f"injected task failure (fault rule {rule.id})"
+        if not sim.v4 and is_v4_path(path):  # a Prism that speaks only v3
+            response = _error(404, "ENTITY_NOT_FOUND", f"no such endpoint: {method} {path}",
+                              kind=_kind_of(path))
+            await response(scope, receive, _with_headers(send, base_headers))
+            return
         if path.startswith("/api/"):
             user, token = self._authenticate(scope)
             if user is None:
                 response = _error(401, "AUTHENTICATION_REQUIRED",
                                   "authentication required: bad or missing credentials",
-                                  kind=_kind_of(path), headers={"WWW-Authenticate": _REALM})
+                                  kind=_kind_of(path), headers={"WWW-Authenticate": _REALM},
+                                  scope=scope)
                 await response(scope, receive, _with_headers(send, base_headers))
                 return
             scope["sim.user"] = user
@@ -174,7 +217,7 @@ class ListenerApp:
             reason = {429: "RATE_LIMITED", 503: "SERVICE_UNAVAILABLE"}.get(status,
                                                                           "INTERNAL_ERROR")
             response = _error(status, reason, f"injected fault: HTTP {status}",
-                              kind=_kind_of(scope["path"]), headers=headers)
+                              kind=_kind_of(scope["path"]), headers=headers, scope=scope)
         await response(scope, receive, send)
 
     def _authenticate(self, scope: Scope) -> tuple[User | None, str]:
@@ -203,6 +246,10 @@ class ListenerApp:
         if morsel is None:
             return None, ""
         owner = sessions.lookup(morsel.value, self.name)
+        if owner is None and self.cluster_uuid is not None:
+            # a PE also takes the JWT Prism Central's discover-cluster issued for its cluster
+            claims = self.sim.tokens.verify(morsel.value, cluster_uuid=self.cluster_uuid)
+            owner = str(claims["sub"]) if claims else None
         user = users.get(owner) if owner else None
         return user, (morsel.value if user else "")
 

@@ -25,8 +25,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ._http import BadRequest, guarded, json_body, listener, run_blocking
-from .simulator import EntityNotFound
+from ._http import guarded, json_body, listener, run_blocking
+from .errors import BadRequest, EntityNotFound
 
 PREFIX = "/api/simulator/v1"
 _MAX_READ = 64 << 20

@@ -1,7 +1,7 @@
 """The simulator's inventory: plain records, persisted as JSON (``inventory.json``).
 
 These are the simulator's own facts (sizes, references, states); the v3 JSON shapes are made from
-them by ``v3_render`` so that later API versions (v4) can render the same facts their own way.
+them by ``v3.render`` so that later API versions (v4) can render the same facts their own way.
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ class Disk(_Record):
     size: int
     container_uuid: str
     source_image: str | None = None
+    #: a snapshot file path (or vmdisk path) the disk is cloned from (restores, v4 data sources)
+    source_path: str | None = None
 
 
 @dataclass

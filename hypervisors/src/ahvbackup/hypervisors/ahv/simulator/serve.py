@@ -26,6 +26,7 @@ from hypercorn.utils import wrap_app
 
 from ahvbackup.core.errors import ConfigError
 
+from .app import pc_app, pe_app
 from .simulator import Simulator
 from .tls import CertificateAuthority
 
@@ -117,7 +118,8 @@ async def serve_simulator(
     ca = CertificateAuthority(sim.state_dir) if tls else None
     chosen, socks = _bind_all(hosts, port)
     scheme = "https" if tls else "http"
-    apps = [sim.pc_app(), *(sim.pe_app(c.uuid) for c in clusters)]
+    # Any: hypercorn types the ASGI callable its own way, which starlette's Scope does not meet
+    apps: list[Any] = [pc_app(sim), *(pe_app(sim, c.uuid) for c in clusters)]
     names = ["pc", *(f"pe{n + 1}" for n in range(len(clusters)))]
     shown_pc = "127.0.0.1" if host in ("0.0.0.0", "") else host
     try:
@@ -168,9 +170,7 @@ async def _serve_iscsi(sim: Simulator, clusters: list[Any], port: int | None,
         return {}
     from ahvbackup.transports.iscsi.target import IscsiTarget
 
-    from .volume_groups import volume_groups
-
-    vgs = volume_groups(sim)
+    vgs = sim.volume_groups
     chosen, socks = _bind_all([c.dsip for c in clusters], port)
     for s in socks:  # trio binds its own listeners; the probe only settled the shared port
         s.close()

@@ -1,6 +1,8 @@
-"""The simulator's model: one ``Simulator`` holds the inventory, the disks, users, tasks and faults.
+"""The simulator's model: one ``Simulator`` holds the inventory, the disks, volume groups, users,
+tasks and faults.
 
-Every listener (Prism Central and each Prism Element) is a view of the same ``Simulator``. The
+Every listener (Prism Central and each Prism Element) is a view of the same ``Simulator``; the
+model knows nothing of HTTP (``app.pc_app(sim)`` and ``app.pe_app(sim)`` build the views). The
 model's operations are synchronous (they may block on the disk store) and thread-safe; request
 handlers run them in worker threads. Tasks are not background jobs: an operation does its work
 at once and its task reports QUEUED, RUNNING and then SUCCEEDED or FAILED as the simulator's
@@ -26,12 +28,11 @@ import uuid as uuidlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from ahvbackup.core.errors import AhvBackupError
 from ahvbackup.core.fsutil import atomic_write_json
 
 from .diskstore import ChangedRegions, DiskStore, UnknownDiskError, UnknownSnapshotError
+from .errors import EntityConflict, EntityNotFound, InvalidRequest, SimulatorError
 from .faults import Faults, Stats
 from .model import (
     Cluster,
@@ -43,42 +44,15 @@ from .model import (
     Vm,
     VmSnapshot,
 )
+from .recovery_points import RecoveryPoints
+from .seed import seed_inventory
+from .tokens import ClusterTokens, RequestIds
 from .users import SEED_USERS, Sessions, Users
+from .volume_groups import VolumeGroups
 
 _FORMAT = 1
 _KEEP_TASKS = 1000
 _PERSIST_TASKS = 200
-
-
-class SimulatorError(AhvBackupError):
-    """A request the simulator refuses; carries what the v3 error envelope needs."""
-
-    status = 400
-    reason = "INVALID_REQUEST"
-
-    def __init__(self, message: str, *, kind: str = "", details: dict[str, Any] | None = None):
-        super().__init__(message)
-        self.message = message
-        self.kind = kind
-        self.details = details or {}
-
-
-class EntityNotFound(SimulatorError):
-    status = 404
-    reason = "ENTITY_NOT_FOUND"
-
-    def __init__(self, kind: str, uuid: str):
-        super().__init__(f"{kind} {uuid!r} not found", kind=kind, details={"uuid": uuid})
-
-
-class InvalidRequest(SimulatorError):
-    status = 422
-    reason = "INVALID_REQUEST"
-
-
-class EntityConflict(SimulatorError):
-    status = 409
-    reason = "CONCURRENT_REQUESTS_NOT_ALLOWED"
 
 
 def _new_uuid() -> str:
@@ -105,6 +79,7 @@ class Simulator:
         clock: Callable[[], float] = time.monotonic,
         changed_regions_page_size: int = 1024,
         sync: bool = True,
+        v4: bool = True,
     ) -> None:
         if not 1 <= pe_count <= 50:
             raise ValueError(f"pe_count: must be 1..50 (got {pe_count})")
@@ -113,6 +88,10 @@ class Simulator:
         self.task_seconds = task_seconds
         self.clock = clock
         self.changed_regions_page_size = changed_regions_page_size
+        #: serve the v4 namespaces (False: a Prism that speaks only v3; may change while serving)
+        self.v4 = v4
+        self.tokens = ClusterTokens()
+        self.request_ids = RequestIds()
         self.store = DiskStore(self.state_dir, sync=sync)
         self.faults = Faults()
         self.stats = Stats()
@@ -129,17 +108,16 @@ class Simulator:
         self.orphan_disks: set[str] = set()
         self.idempotence: dict[str, str] = {}
         self._files: dict[str, tuple[str, str]] = {}
-        self._apps: dict[str, Any] = {}
         self._lock = threading.RLock()
         self._vm_locks: dict[str, threading.Lock] = {}
         self._inventory = self.state_dir / "inventory.json"
         if self._inventory.exists():
             self._load()
         else:
-            from .seed import seed_inventory
-
             seed_inventory(self, pe_count=pe_count, with_vms=seed)
             self.save()
+        self.volume_groups = VolumeGroups(self)  # loaded from state_dir, like the inventory
+        self.recovery_points = RecoveryPoints(self)  # v4 recovery points, likewise
 
     # ---- persistence -------------------------------------------------------------------------
 
@@ -186,27 +164,6 @@ class Simulator:
 
     def close(self) -> None:
         self.store.close()
-
-    # ---- listeners ---------------------------------------------------------------------------
-
-    def pc_app(self) -> Any:
-        """The Prism Central ASGI app (for in-process tests through ``httpx.ASGITransport``)."""
-        from .app import ListenerApp
-
-        if self._apps.get("pc") is None:
-            self._apps["pc"] = ListenerApp(self, name="pc", cluster_uuid=None)
-        return self._apps["pc"]
-
-    def pe_app(self, cluster_uuid: str | None = None) -> Any:
-        """The ASGI app of one Prism Element (default: the first cluster)."""
-        from .app import ListenerApp
-
-        uuid = cluster_uuid or next(iter(self.clusters))
-        self.cluster(uuid)
-        if self._apps.get(uuid) is None:
-            n = list(self.clusters).index(uuid) + 1
-            self._apps[uuid] = ListenerApp(self, name=f"pe{n}", cluster_uuid=uuid)
-        return self._apps[uuid]
 
     def seed_users(self) -> None:
         for name, password, role in SEED_USERS:
@@ -313,7 +270,14 @@ class Simulator:
     def _materialize(self, disk: Disk) -> None:
         if disk.device_type != "DISK":
             return
-        if disk.source_image:
+        if disk.source_path:
+            source_disk, sid = self.resolve_file(disk.source_path)
+            self.store.clone_disk(disk.uuid, source_disk=source_disk, snapshot=sid)
+            size = self.store.size(disk.uuid)
+            disk.size = max(disk.size, size)
+            if disk.size > size:
+                self.store.resize(disk.uuid, disk.size)
+        elif disk.source_image:
             image = self.image(disk.source_image)
             if image.disk_id is None or image.size is None:
                 raise InvalidRequest(

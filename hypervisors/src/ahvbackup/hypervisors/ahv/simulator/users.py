@@ -48,7 +48,8 @@ ROLES: dict[str, Role] = {
     "Prism Admin": Role("Prism Admin", frozenset({"*"}), simulator_control=True),
     "Backup Admin": Role(
         "Backup Admin",
-        frozenset({"vm_snapshot", "image", "volume_group", "idempotence_identifier", "task"}),
+        frozenset({"vm_snapshot", "recovery_point", "image", "volume_group",
+                   "idempotence_identifier", "task"}),
     ),
     "Viewer": Role("Viewer", frozenset()),
 }

@@ -21,8 +21,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ._http import guarded, injected_failure, json_body, listener, run_blocking
-from .simulator import InvalidRequest
-from .volume_groups import VolumeGroup, volume_groups
+from .errors import InvalidRequest
+from .volume_groups import VolumeGroup
 
 V2 = "/api/nutanix/v2.0/volume_groups"
 _KIND = "volume_group"
@@ -84,7 +84,7 @@ def _client(body: dict[str, Any], operation: str) -> str:
 @guarded(_KIND, "read")
 async def vg_list(request: Request) -> Response:
     lis = listener(request)
-    groups = volume_groups(lis.sim).of_cluster(lis.cluster_uuid or "")
+    groups = lis.sim.volume_groups.of_cluster(lis.cluster_uuid or "")
     n = len(groups)
     return JSONResponse({"metadata": {"grand_total_entities": n, "total_entities": n,
                                       "count": n},
@@ -94,7 +94,7 @@ async def vg_list(request: Request) -> Response:
 @guarded(_KIND, "read")
 async def vg_get(request: Request) -> Response:
     lis = listener(request)
-    vg = volume_groups(lis.sim).get(request.path_params["uuid"], cluster_uuid=lis.cluster_uuid)
+    vg = lis.sim.volume_groups.get(request.path_params["uuid"], cluster_uuid=lis.cluster_uuid)
     return JSONResponse(render(vg))
 
 
@@ -110,7 +110,7 @@ async def vg_create(request: Request) -> Response:
         raise InvalidRequest("disk_list: must be a list", kind=_KIND)
     specs = [_disk_spec(n, item) for n, item in enumerate(disks)]
     uuid = body.get("uuid")
-    vgs = volume_groups(lis.sim)
+    vgs = lis.sim.volume_groups
     vg = await run_blocking(request, lambda: vgs.create(
         cluster_uuid=lis.cluster_uuid or "", name=name,
         description=str(body.get("description") or ""), disks=specs,
@@ -122,7 +122,7 @@ async def vg_create(request: Request) -> Response:
 @guarded(_KIND, "delete")
 async def vg_delete(request: Request) -> Response:
     lis = listener(request)
-    vgs = volume_groups(lis.sim)
+    vgs = lis.sim.volume_groups
     task = await run_blocking(request, lambda: vgs.delete(
         request.path_params["uuid"], cluster_uuid=lis.cluster_uuid,
         fail=injected_failure(request)))
@@ -133,7 +133,7 @@ async def vg_delete(request: Request) -> Response:
 async def vg_open(request: Request) -> Response:
     lis = listener(request)
     client = _client(await json_body(request, kind=_KIND), "ATTACH")
-    volume_groups(lis.sim).attach(request.path_params["uuid"], client,
+    lis.sim.volume_groups.attach(request.path_params["uuid"], client,
                                   cluster_uuid=lis.cluster_uuid)
     return JSONResponse({"value": True})
 
@@ -142,7 +142,7 @@ async def vg_open(request: Request) -> Response:
 async def vg_close(request: Request) -> Response:
     lis = listener(request)
     client = _client(await json_body(request, kind=_KIND), "DETACH")
-    volume_groups(lis.sim).detach(request.path_params["uuid"], client,
+    lis.sim.volume_groups.detach(request.path_params["uuid"], client,
                                   cluster_uuid=lis.cluster_uuid)
     return JSONResponse({"value": True})
 

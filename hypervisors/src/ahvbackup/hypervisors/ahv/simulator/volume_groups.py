@@ -9,7 +9,9 @@ per disk in index order; only attached initiators may log in. State persists in
 
 Faults and counters for tests: `lun_shortfall` bytes are cut from every LUN's size as the target
 reports it (the "LUN smaller than the API said" case); `read_latency` seconds are added to every
-LUN read; `active_reads` and `bytes_read` count what the targets are doing.
+LUN read; a VG cloned from a vmdisk in `unoffered` (vmdisk uuids) is left out of its target's
+discovery (a target that does not offer the disk); `active_reads` and `bytes_read` count what the
+targets are doing.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import re
 import threading
 import time
 import uuid as uuidlib
-import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ahvbackup.core.fsutil import atomic_write_json
 
 from .diskstore import UnknownDiskError
-from .simulator import EntityNotFound, InvalidRequest, Simulator
+from .errors import EntityNotFound, InvalidRequest
+
+if TYPE_CHECKING:
+    from .simulator import Simulator
 
 TARGET_PREFIX = "iqn.2010-06.com.nutanix"
 _FORMAT = 1
@@ -60,6 +64,8 @@ class VolumeGroup:
     attachments: list[str] = field(default_factory=list)  # initiator IQNs
     created: float = 0.0
     task_uuid: str | None = None
+    usage_type: str = "USER"  # v4 usageType
+    is_hidden: bool = False  # v4 isHidden
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> VolumeGroup:
@@ -102,13 +108,15 @@ class _StoreLun:
 
 
 class VolumeGroups:
-    """The volume groups of one simulator (all clusters); thread-safe like the simulator."""
+    """The volume groups of one simulator (all clusters), ``sim.volume_groups``; thread-safe
+    like the simulator."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
         self.groups: dict[str, VolumeGroup] = {}
         self.lun_shortfall = 0
         self.read_latency = 0.0
+        self.unoffered: set[str] = set()
         self.active_reads = 0
         self.bytes_read = 0
         self._lock = threading.RLock()
@@ -145,7 +153,8 @@ class VolumeGroups:
 
     def create(self, *, cluster_uuid: str, name: str, description: str = "",
                disks: list[dict[str, Any]], uuid: str | None = None,
-               fail: str | None = None) -> VolumeGroup:
+               fail: str | None = None, usage_type: str = "USER",
+               is_hidden: bool = False) -> VolumeGroup:
         """A new VG; each disk spec is {"clone_from": path or vmdisk uuid} or {"size": n}."""
         sim = self.sim
         with self._lock:
@@ -155,24 +164,14 @@ class VolumeGroups:
             vg_uuid = uuid or str(uuidlib.uuid4())
             vg = VolumeGroup(uuid=vg_uuid, name=name, cluster_uuid=cluster_uuid,
                              description=description, created=time.time(),
-                             iscsi_target=f"{TARGET_PREFIX}:{_iqn_part(name)}-{vg_uuid}")
+                             iscsi_target=f"{TARGET_PREFIX}:{_iqn_part(name)}-{vg_uuid}",
+                             usage_type=usage_type, is_hidden=is_hidden)
             if fail is None:
                 made: list[str] = []
                 try:
                     for index, spec in enumerate(disks):
-                        disk_id = str(uuidlib.uuid4())
-                        container = cluster.container(spec.get("container_uuid")).uuid
-                        source = spec.get("clone_from")
-                        if source:
-                            path = source if "/" in source else f"/x/.acropolis/vmdisk/{source}"
-                            src_disk, sid = sim.resolve_file(path)
-                            sim.store.clone_disk(disk_id, source_disk=src_disk, snapshot=sid)
-                        else:
-                            sim.store.create_disk(disk_id, int(spec["size"]))
-                        made.append(disk_id)
-                        vg.disks.append(VgDisk(uuid=disk_id, index=index,
-                                               size=sim.store.size(disk_id),
-                                               container_uuid=container, source=source or ""))
+                        vg.disks.append(self._make_disk(cluster, index, spec))
+                        made.append(vg.disks[-1].uuid)
                 except BaseException:
                     for d in made:
                         with contextlib.suppress(UnknownDiskError):
@@ -185,6 +184,42 @@ class VolumeGroups:
                 self.groups[vg.uuid] = vg
                 self.save()
             return vg
+
+    def _make_disk(self, cluster: Any, index: int, spec: dict[str, Any]) -> VgDisk:
+        sim = self.sim
+        disk_id = str(uuidlib.uuid4())
+        container = cluster.container(spec.get("container_uuid")).uuid
+        source = spec.get("clone_from")
+        if source:
+            path = source if "/" in source else f"/x/.acropolis/vmdisk/{source}"
+            src_disk, sid = sim.resolve_file(path)
+            sim.store.clone_disk(disk_id, source_disk=src_disk, snapshot=sid)
+        else:
+            sim.store.create_disk(disk_id, int(spec["size"]))
+        return VgDisk(uuid=disk_id, index=index, size=sim.store.size(disk_id),
+                      container_uuid=container, source=source or "")
+
+    def add_disk(self, vg_uuid: str, spec: dict[str, Any], *, cluster_uuid: str | None = None,
+                 fail: str | None = None) -> tuple[VgDisk | None, Any]:
+        """Add one disk (a spec as for ``create``) at the next free index; (disk, task)."""
+        sim = self.sim
+        with self._lock:
+            vg = self.get(vg_uuid, cluster_uuid=cluster_uuid)
+            disk = None
+            if fail is None:
+                index = spec.get("index")
+                if index is None:
+                    index = max((d.index for d in vg.disks), default=-1) + 1
+                if any(d.index == index for d in vg.disks):
+                    raise InvalidRequest(f"index: volume group {vg.uuid!r} already has a disk "
+                                         f"at index {index}", kind="volume_group")
+                disk = self._make_disk(sim.cluster(vg.cluster_uuid), int(index), spec)
+                vg.disks.append(disk)
+                vg.disks.sort(key=lambda d: d.index)
+                self.save()
+            task = sim.new_task("kVolumeDiskCreate", kind="volume_group", uuid=vg.uuid,
+                                name=vg.name, cluster_uuid=vg.cluster_uuid, error=fail)
+            return disk, task
 
     def attach(self, vg_uuid: str, initiator: str, *, cluster_uuid: str | None = None) -> None:
         if not initiator.startswith(("iqn.", "eui.", "naa.")):
@@ -228,6 +263,8 @@ class VolumeGroups:
 
         out: dict[str, Any] = {}
         for vg in self.of_cluster(cluster_uuid):
+            if any(d.source.rsplit("/", 1)[-1] in self.unoffered for d in vg.disks):
+                continue
             attached = frozenset(vg.attachments)
             out[vg.iscsi_target] = Export(
                 iqn=vg.iscsi_target, luns=[_StoreLun(self, d) for d in vg.disks],
@@ -236,14 +273,6 @@ class VolumeGroups:
         return out
 
 
-_REGISTRY: weakref.WeakKeyDictionary[Simulator, VolumeGroups] = weakref.WeakKeyDictionary()
-_REGISTRY_LOCK = threading.Lock()
-
-
 def volume_groups(sim: Simulator) -> VolumeGroups:
-    """The volume groups of `sim` (made, and loaded from its state, on first use)."""
-    with _REGISTRY_LOCK:
-        vgs = _REGISTRY.get(sim)
-        if vgs is None:
-            vgs = _REGISTRY[sim] = VolumeGroups(sim)
-        return vgs
+    """The volume groups of `sim` (the same as ``sim.volume_groups``; kept for callers)."""
+    return sim.volume_groups

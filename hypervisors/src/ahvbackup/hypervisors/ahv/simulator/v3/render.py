@@ -21,11 +21,11 @@ __all__ = [
 
 from typing import TYPE_CHECKING, Any
 
-from .model import Cluster, Image, Subnet, Task, Vm, VmSnapshot, rfc3339
-from .users import User
+from ..model import Cluster, Image, Subnet, Task, Vm, VmSnapshot, rfc3339
+from ..users import User
 
 if TYPE_CHECKING:
-    from .simulator import Simulator
+    from ..simulator import Simulator
 
 API_VERSION = "3.1"
 _AOS_VERSION = "6.5.4.5"

@@ -1,0 +1,128 @@
+"""One configuration assembly for every caller: the CLI, the Bacula backend, bpipe, tests.
+
+It merges the core keys with the keys of every installed driver and hook plugin (so a
+plugin's key works the same from a file, a plugin string, ``-o`` or a Bacula ``Params``
+block), refuses keys and driver names this version does not do yet, and picks the mode the
+caller runs. A plugin that fails to import is named in a warning and left out; only a job
+that needs it fails (when it loads the driver, with its error).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ConfigSources", "PluginKeys", "assemble_config", "plugin_keys"]
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marshmallow import fields as mm_fields
+
+from ..errors import ConfigError
+from ..plugins import DRIVER_KINDS, Hooks, driver_classes, driver_names
+from .keys import BY_NAME
+from .loader import load_config
+from .model import Config
+from .modes import ModeView, pick_mode
+from .not_yet import NOT_YET_DRIVERS, refusals
+
+#: `data_path=auto` picks an installed data path at run time
+_AUTO = {"data_path": "auto"}
+
+
+@dataclass(frozen=True)
+class ConfigSources:
+    """Where one job's configuration comes from, lowest precedence first."""
+
+    files: tuple[Path, ...] = ()
+    plugin_string: str | None = None
+    #: the command line (or the Bacula Job block): highest precedence
+    overrides: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PluginKeys:
+    """The configuration keys installed plugins declare, and the plugins that failed."""
+
+    fields: Mapping[str, mm_fields.Field[Any]]
+    #: key -> the plugin that declares it ("ahvbackup.hypervisor:ahv")
+    owners: Mapping[str, str]
+    warnings: tuple[str, ...]
+
+
+def plugin_keys(hooks: Hooks) -> PluginKeys:
+    """Keys from every installed driver's `config_schema` and every hook plugin's
+    `ahvbackup_config_fields`. A key that clashes with a core key or with another plugin's
+    is left out with a warning, like a plugin that fails to load."""
+    fields: dict[str, mm_fields.Field[Any]] = {}
+    owners: dict[str, str] = {}
+    warnings: list[str] = []
+
+    def add(owner: str, declared: Mapping[str, mm_fields.Field[Any]]) -> None:
+        for key, f in declared.items():
+            if key in BY_NAME:
+                warnings.append(f"plugin {owner} declares the key {key!r}, which ahvbackup "
+                                "already has; its declaration is ignored")
+            elif key in owners and owners[key] != owner:
+                warnings.append(f"plugins {owners[key]} and {owner} both declare the key "
+                                f"{key!r}; {owners[key]}'s is used")
+            else:
+                fields[key], owners[key] = f, owner
+
+    classes, broken = driver_classes()
+    for spec, cls in classes:
+        if cls.config_schema is not None:
+            add(f"{spec.namespace}:{cls.name}", cls.config_schema().fields)
+    for name, declared in hooks.config_fields_by_plugin():
+        add(f"ahvbackup.hooks:{name}", declared)
+    warnings[:0] = [b.warning for b in (*broken, *hooks.broken)]
+    return PluginKeys(fields, owners, tuple(warnings))
+
+
+def assemble_config(
+    sources: ConfigSources,
+    *,
+    hooks: Hooks,
+    view: ModeView,
+    require: Iterable[str] = (),
+) -> Config:
+    """Load and check every source into the `Config` a job of `view` runs with.
+
+    Problems are one `ConfigError` (exit code 2), one line each naming the key and its
+    source: a bad or unknown key, a key or driver this version does not do yet, a mode
+    `view` does not run. Warnings (inline password, a plugin that failed to load, ...) are
+    in `Config.warnings`.
+    """
+    keys = plugin_keys(hooks)
+    config = load_config(
+        files=list(sources.files), plugin_string=sources.plugin_string,
+        overrides=sources.overrides, extra_fields=keys.fields, require=require,
+    )
+    problems = [*refusals(config), *_driver_problems(config)]
+    if problems:
+        raise ConfigError("\n".join(problems))
+    config = pick_mode(config, view)
+    return dataclasses.replace(config, warnings=(*config.warnings, *keys.warnings))
+
+
+def _driver_problems(config: Config) -> list[str]:
+    """Driver names that no installed distribution registers (checked by entry-point name,
+    so nothing is imported: a broken driver fails only the job that loads it)."""
+    out = []
+    for kind, spec in DRIVER_KINDS.items():
+        if spec.config_key not in BY_NAME:
+            continue
+        name = str(getattr(config, spec.config_key))
+        installed = driver_names(kind)
+        if name in installed or _AUTO.get(spec.config_key) == name:
+            continue
+        origin = config.sources.get(spec.config_key, "default")
+        if (spec.config_key, name) in NOT_YET_DRIVERS:
+            out.append(f"{origin}: {spec.config_key}={name}: the {name} {kind} driver: this "
+                       "version does not do that yet")
+        else:
+            choices = ", ".join(sorted({*filter(None, [_AUTO.get(spec.config_key)]), *installed}))
+            out.append(f"{origin}: {spec.config_key}: no {kind} driver named {name!r} "
+                       f"(installed: {choices or 'none'})")
+    return out
