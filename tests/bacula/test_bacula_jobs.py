@@ -283,3 +283,29 @@ async def test_restore_refuses_an_fname_that_climbs_out_of_where(
     assert sum("not a plain file name" in m and "refused" in m for m in said[3:]) == 3, said
     assert list(tmp_path.rglob("escaped")) == [] and list(tmp_path.rglob("x.json")) == []
     assert list(tmp_path.rglob("*.raw")) == []
+
+
+async def test_restore_disks_only_by_position_is_refused_in_a_bacula_restore(
+        world: World, spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
+    world.add_vm("pvm", [(2 * MiB, [(0, MiB)])])
+    params = prism_params(world, base_params, vm="pvm")
+    where = tmp_path / "restore"
+
+    def scenario() -> tuple[str, list[str]]:
+        b = opened(spawn, params)
+        b.start("BackupStart")
+        disk = b.files(data=True)[0]
+        assert b.end() == 0
+        r = opened(spawn, [*params, "restore_disks_only=disk-0"], kind="R", where=str(where))
+        r.start("RestoreStart")
+        answer = r.restore(f"{where}{disk.fname}", disk.data).text
+        r.command("FINISH")
+        r.expect_ack()
+        assert r.end() == 0
+        return answer, [m.text for m in r.messages]
+
+    answer, said = await trio.to_thread.run_sync(scenario)
+    assert answer == "SKIP"
+    assert any("restore_disks_only: disk-0: a Bacula restore selects disks by label" in m
+               for m in said), said
+    assert list(where.rglob("*.raw")) == []

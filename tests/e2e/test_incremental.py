@@ -253,3 +253,15 @@ async def test_state_write_failure_keeps_the_old_reference_and_snapshots(
     monkeypatch.undo()
     _, nxt = await _backup(world, "sw", "incremental")
     assert nxt.vms[0].disks[0].kind == "incremental"
+
+
+async def test_an_incremental_whose_every_disk_was_read_in_full_is_listed_as_full(
+        world: World) -> None:
+    world.add_vm("first", [(4 * MiB, [(0, MiB)]), (4 * MiB, [(MiB, MiB)])])
+    rt, first = await _backup(world, "first", "incremental")  # no reference yet: heals to full
+    assert [d.kind for d in first.vms[0].disks] == ["full", "full"]
+    (listed,) = await rt.sink.backups("first")
+    assert listed.level == "full"
+    world.sim.write_disk(world.sim.vms[first.vms[0].vm_uuid].uuid, 0, 0, os.urandom(4096))
+    rt, second = await _backup(world, "first", "incremental")
+    assert [b.level for b in await rt.sink.backups("first")] == ["full", "incremental"]

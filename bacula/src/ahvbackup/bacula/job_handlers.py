@@ -16,6 +16,7 @@ __all__ = ["JobHandlers", "backup_config"]
 import dataclasses
 import logging
 import os
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -165,6 +166,12 @@ class JobHandlers(BackendHandlers):
         if name.endswith(STREAM_SUFFIX) and len(parts) >= 3:
             label = name.removesuffix(STREAM_SUFFIX)
             only = ctx.config.restore_disks_only
+            by_position = [n for n in only if re.fullmatch(r"disk-\d+", n) and n != label]
+            if by_position:
+                # the Nth disk is known from vm.json, which Bacula restores after the disks
+                raise ConfigError(f"restore_disks_only: {', '.join(by_position)}: a Bacula "
+                                  "restore selects disks by label (scsi.0, scsi.1, ...), as "
+                                  "the restore tree names them")
             if only and label not in only:
                 return False
             image = where.joinpath(*parts[:-3], *image_parts(parts[-3], label))

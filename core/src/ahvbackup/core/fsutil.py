@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = ["atomic_write_bytes", "atomic_write_json", "ensure_dir", "fsync_dir", "io_failure"]
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -40,13 +41,16 @@ def atomic_write_json(path: Path, obj: Any, *, mode: int = 0o600) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True).encode() + b"\n", mode=mode)
 
 
-def ensure_dir(path: Path, *, key: str) -> Path:
+def ensure_dir(path: Path, *, key: str, writable: bool = False) -> Path:
     """`path` as a folder (made, mode 0700, if missing); any problem is one line naming the
-    configuration `key`, the path and the errno text, before anything is done."""
+    configuration `key`, the path and the errno text, before anything is done. `writable`:
+    this process must be able to write there too (a repository may be read-only: restores)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not path.is_dir():
-            raise NotADirectoryError(20, "Not a directory")
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if writable and not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as err:
         raise ConfigError(f"{key} {path}: cannot use it as a folder "
                           f"({err.strerror or err})") from None

@@ -72,8 +72,8 @@ class Ledger:
     released (``resource_created``, ``resource_released``, and a ``metric`` per release)."""
 
     def __init__(self, state_dir: Path, *, hooks: Hooks | None = None) -> None:
-        ensure_dir(state_dir, key="state_dir")
-        self.dir = ensure_dir(state_dir / "ledger", key="state_dir")
+        ensure_dir(state_dir, key="state_dir", writable=True)
+        self.dir = ensure_dir(state_dir / "ledger", key="state_dir", writable=True)
         self.hooks = hooks
 
     def record(self, kind: str, resource_id: str, *, owner: str, **scope: Any) -> Record:

@@ -59,7 +59,7 @@ class VmState:
 
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
-        self.dir = ensure_dir(state_dir, key="state_dir")
+        self.dir = ensure_dir(state_dir, key="state_dir", writable=True)
 
     def _path(self, vm_uuid: str) -> Path:
         return self.dir / vm_uuid / "state.json"
