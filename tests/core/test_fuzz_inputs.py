@@ -142,7 +142,7 @@ def test_a_fuzzed_plugin_string_is_one_clear_refusal_or_a_config(body: str,
         load_config(plugin_string=text)
     except ConfigError as err:
         refusal = str(err) or "(empty message)"
-    assert SECRET not in refusal and refusal.strip() == refusal.strip() != "(empty message)"
+    assert SECRET not in refusal and refusal != "(empty message)"
 
 
 @FUZZ
