@@ -262,6 +262,7 @@ async def test_an_incremental_whose_every_disk_was_read_in_full_is_listed_as_ful
     assert [d.kind for d in first.vms[0].disks] == ["full", "full"]
     (listed,) = await rt.sink.backups("first")
     assert listed.level == "full"
-    world.sim.write_disk(world.sim.vms[first.vms[0].vm_uuid].uuid, 0, 0, os.urandom(4096))
+    world.sim.write_disk(first.vms[0].vm_uuid, 0, 0, os.urandom(4096))
     rt, second = await _backup(world, "first", "incremental")
+    assert second.vms[0].disks[0].kind == "incremental"
     assert [b.level for b in await rt.sink.backups("first")] == ["full", "incremental"]
