@@ -53,16 +53,19 @@ async def test_a_symlink_planted_in_the_destination_is_not_followed(tmp_path: Pa
     (outside / "scsi.0.raw").write_bytes(b"precious")
     dest = tmp_path / "dest"
     dest.mkdir()
-    (dest / "web").symlink_to(outside)  # a folder link
     disk = DiskInfo(uuid="d", bus="scsi", index=0, size=4096)
-    for vm_name in ("web", "db"):
-        if vm_name == "db":
-            (dest / "db").mkdir()
-            (dest / "db" / "scsi.0.raw").symlink_to(outside / "scsi.0.raw")  # a file link
-        vm = await RawTarget(None).begin_vm(RestoreRequest(vm_name=vm_name, dest=dest),
-                                            cluster=None)
-        with pytest.raises(ContainmentError, match="symlink"):
-            await vm.open_disk(disk, size=4096)
+    (dest / "web").symlink_to(outside)  # a folder link: refused
+    vm = await RawTarget(None).begin_vm(RestoreRequest(vm_name="web", dest=dest), cluster=None)
+    with pytest.raises(ContainmentError, match="symlink"):
+        await vm.open_disk(disk, size=4096)
+    (dest / "db").mkdir()  # a link where the image goes: replaced by the image, not written
+    (dest / "db" / "scsi.0.raw").symlink_to(outside / "scsi.0.raw")
+    vm = await RawTarget(None).begin_vm(RestoreRequest(vm_name="db", dest=dest), cluster=None)
+    w = await vm.open_disk(disk, size=4096)
+    await w.write(0, memoryview(b"restored"))
+    image = Path(await w.finish())
+    await vm.commit()
+    assert not image.is_symlink() and image.read_bytes()[:8] == b"restored"
     assert (outside / "scsi.0.raw").read_bytes() == b"precious"
 
 

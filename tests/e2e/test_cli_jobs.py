@@ -120,3 +120,27 @@ async def test_a_signal_mid_backup_releases_everything_and_exits_cleanly(
     assert world.sim.snapshots == {} and world.sim.images == {}
     assert not list((world.tmp / "state" / "ledger").glob("*.json"))
     assert not list((world.tmp / "repo").glob("*/.partial-*"))
+
+
+async def test_a_restore_killed_mid_write_leaves_no_image_and_the_next_restore_cleans_up(
+        world: World) -> None:
+    vm = world.add_vm("rk", [(64 * MiB, [(0, 48 * MiB)])])
+    rt = Runtime.from_config(world.config(vm="rk"))
+    assert (await BackupJob(rt).run()).ok
+    dest = world.tmp / "dest"
+    proc = await trio.lowlevel.open_process(
+        [*CLI, "restore", "--vm", "rk", "--dest", str(dest), *world.cli_args()],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with trio.fail_after(60):
+            while not list(dest.glob("rk/.scsi.0.raw.partial-*")):
+                await trio.sleep(0.01)
+    finally:
+        proc.kill()
+        await proc.wait()
+    assert not (dest / "rk" / "scsi.0.raw").exists()  # no half image passes for a disk
+    done = await run_cli("restore", "--vm", "rk", "--dest", str(dest), *world.cli_args())
+    assert done.returncode == 0, done.stderr.decode()
+    assert [p.name for p in (dest / "rk").iterdir()] == ["scsi.0.raw"]
+    assert (dest / "rk" / "scsi.0.raw").read_bytes() == world.sim.read_disk(vm.uuid, 0, 0,
+                                                                             64 * MiB)

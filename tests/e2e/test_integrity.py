@@ -66,22 +66,28 @@ async def test_hostile_vm_names_restore_strictly_inside_dest(world: World) -> No
     assert not Path("/tmp/tmp/x").exists() and not Path("/tmp/abs/scsi.0.raw").exists()
 
 
-async def test_a_symlink_planted_in_dest_is_refused_and_its_target_untouched(
-        world: World) -> None:
+async def test_a_symlink_planted_in_dest_is_never_written_through(world: World) -> None:
     vm = world.add_vm("web", [(2 * MiB, [(0, MiB)])])
     await _backup(world, "web")
     outside = world.tmp / "outside"
     outside.mkdir()
     (outside / "scsi.0.raw").write_bytes(b"precious")
-    dest = world.tmp / "dest"
+    rt = Runtime.from_config(world.config())
+    backup = await pick_backup(rt, vm=vm.uuid, backup_id=None)
+    linked = world.tmp / "linked"
+    linked.mkdir()
+    (linked / "web").symlink_to(outside)  # the VM's folder is a link: refused
+    out = await RestoreJob(rt, backup, dest=linked).run()
+    assert not out.ok and "symlink" in (out.disks[0].error or "")
+    dest = world.tmp / "dest"  # the image itself is a link: replaced, never written through
     (dest / "web").mkdir(parents=True)
     (dest / "web" / "scsi.0.raw").symlink_to(outside / "scsi.0.raw")
-    rt = Runtime.from_config(world.config())
-    out = await RestoreJob(rt, await pick_backup(rt, vm=vm.uuid, backup_id=None),
-                           dest=dest).run()
-    assert not out.ok
-    assert "symlink" in (out.disks[0].error or "")
+    out = await RestoreJob(rt, backup, dest=dest).run()
+    assert out.ok, [d.error for d in out.disks]
+    image = dest / "web" / "scsi.0.raw"
+    assert not image.is_symlink() and image.read_bytes() == _disk(world, vm.uuid, 0)
     assert (outside / "scsi.0.raw").read_bytes() == b"precious"
+    assert sorted(p.name for p in outside.iterdir()) == ["scsi.0.raw"]
 
 
 # the manifest bound to its streams -----------------------------------------------------------

@@ -51,7 +51,9 @@ class Record:
         return f"{self.kind} {self.resource_id}" + (f" ({where})" if where else "")
 
 
-def _pid_alive(pid: int) -> bool:
+def owner_alive(pid: int) -> bool:
+    """Whether process `pid` (which wrote a record or a partial file) is an ahvbackup process
+    still running; a reused pid of another program does not count."""
     if pid == os.getpid():
         return True
     try:
@@ -110,7 +112,7 @@ class Ledger:
 
     def orphans(self) -> list[Record]:
         """Records whose owning process is gone: what a killed job left behind."""
-        return [r for r in self.records() if not _pid_alive(r.pid)]
+        return [r for r in self.records() if not owner_alive(r.pid)]
 
 
 Releaser = Callable[[Record], Awaitable[None]]

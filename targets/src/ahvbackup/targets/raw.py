@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = ["RawDiskWriter", "RawImage", "RawTarget", "RawVmRestore", "image_parts", "punch_hole"]
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -28,7 +29,8 @@ from ahvbackup.core.drivers import (
     VmRestore,
 )
 from ahvbackup.core.errors import TargetError
-from ahvbackup.core.fsutil import io_failure
+from ahvbackup.core.fsutil import fsync_dir, io_failure
+from ahvbackup.core.ledger import owner_alive
 from ahvbackup.core.model import DiskInfo
 
 _FALLOC_FL_KEEP_SIZE = 0x01
@@ -105,10 +107,12 @@ class RawImage:
 
 
 class RawDiskWriter(DiskWriter):
-    """The contract's writer over a `RawImage` (file writes in a worker thread)."""
+    """The contract's writer over a `RawImage` (file writes in a worker thread); `final` is
+    where the image will be once its VM restore commits (default: where it is written)."""
 
-    def __init__(self, image: RawImage) -> None:
+    def __init__(self, image: RawImage, final: Path | None = None) -> None:
         self.image = image
+        self.final = final or image.path
 
     async def write(self, offset: int, data: memoryview) -> None:
         await trio.to_thread.run_sync(self.image.write_at, offset, data)
@@ -117,30 +121,52 @@ class RawDiskWriter(DiskWriter):
         await trio.to_thread.run_sync(self.image.zero, offset, length)
 
     async def finish(self) -> str:
-        return str(await trio.to_thread.run_sync(self.image.close))
+        await trio.to_thread.run_sync(self.image.close)
+        return str(self.final)
 
 
 class RawVmRestore(VmRestore):
-    """``<dest>/<vm>/<label>.raw`` per disk; `abort` removes every image it created."""
+    """``<dest>/<vm>/<label>.raw`` per disk. Each image is written as a hidden partial file
+    and renamed into place at `commit`, so an image in place is always complete; `abort`
+    removes the partial files, and a later restore into the folder removes those a killed
+    restore left."""
 
     def __init__(self, request: RestoreRequest) -> None:
         self.dest = request.dest
         self.vm_name = request.vm_name
-        self.images: list[RawImage] = []
+        self.images: list[tuple[RawImage, Path]] = []  # (partial image, its final path)
+
+    def sweep(self) -> None:
+        folder = self.dest / safe_name(self.vm_name)
+        for partial in folder.glob(".*.partial-*") if folder.is_dir() else ():
+            pid = partial.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not owner_alive(int(pid)) and not partial.is_symlink():
+                partial.unlink(missing_ok=True)
 
     async def open_disk(self, disk: DiskInfo, *, size: int) -> RawDiskWriter:
-        parts = image_parts(self.vm_name, disk.label)
-        image = await trio.to_thread.run_sync(RawImage, self.dest, parts, size)
-        self.images.append(image)
-        return RawDiskWriter(image)
+        folder, name = image_parts(self.vm_name, disk.label)
+        partial = f".{name}.partial-{os.getpid()}"
+        image = await trio.to_thread.run_sync(RawImage, self.dest, (folder, partial), size)
+        final = image.path.with_name(name)
+        self.images.append((image, final))
+        return RawDiskWriter(image, final)
 
     async def commit(self) -> str:
+        def rename() -> None:
+            for image, final in self.images:
+                image.close()
+                os.rename(image.path, final)  # over an older restore's image, atomically
+            if self.images:
+                fsync_dir(self.images[0][1].parent)
+
+        await trio.to_thread.run_sync(rename)
         return str(self.dest / safe_name(self.vm_name))
 
     async def abort(self) -> None:
         def remove() -> None:
-            for image in self.images:
-                image.close()
+            for image, _final in self.images:
+                with contextlib.suppress(TargetError):
+                    image.close()
                 image.path.unlink(missing_ok=True)
 
         with trio.CancelScope(shield=True):
@@ -153,4 +179,6 @@ class RawTarget(RestoreTarget):
 
     async def begin_vm(self, request: RestoreRequest, *,
                        cluster: ClusterAccess | None) -> RawVmRestore:
-        return RawVmRestore(request)
+        restoring = RawVmRestore(request)
+        await trio.to_thread.run_sync(restoring.sweep)
+        return restoring
