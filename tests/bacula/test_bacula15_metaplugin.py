@@ -10,8 +10,10 @@ so the simulator (served by this test process) keeps serving.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sqlite3
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +24,8 @@ import trio
 from lab import BaculaLab, JobResult, free_ports
 from lab15 import LabConfig, describe, job_lines, lab15
 from tests.e2e.e2e_world import MiB, World, same_as_sim
+
+from ahvbackup.bacula.sink import LOOKAHEAD, UNKNOWN_SIZE
 
 pytestmark = pytest.mark.peer
 
@@ -34,6 +38,9 @@ FILESETS: dict[str, str | list[str]] = {
     "ahv-prism-down": "ahvbackup: vm=mf",
     "ahv-cancel": "ahvbackup: vm=mx",
     "ahv-driver-key": "ahvbackup: vm=md iscsi_port=3261",
+    "ahv-streamed": "ahvbackup: vm=ms concurrent_disks=1",
+    "ahv-spooled": "ahvbackup: vm=mp concurrent_disks=3",
+    "ahv-midfail": "ahvbackup: vm=mfa,mfb concurrent_vms=1 concurrent_disks=1",
 }
 
 
@@ -169,6 +176,159 @@ async def test_full_incremental_differential_and_restores_byte_identical(
         assert f"/{disk}/{name}" in files, files
     assert "| RestoreOptions | ahvbackup: vm=mc |" in bl.bconsole(
         f"list restoreobjects jobid={full.job_id}")
+
+
+def catalog_sizes(lab: BaculaLab, job: JobResult) -> dict[str, int]:
+    """Each file of a job and its size as the catalog holds it (st_size of its LStat, decoded
+    by the Director: `.bvfs_decode_lstat`)."""
+    with sqlite3.connect(f"file:{lab.catalog}?mode=ro", uri=True) as db:
+        rows = db.execute("select Path.Path || File.Filename, File.LStat from File join Path "
+                          "using (PathId) where File.JobId = ? and File.Filename != ''",
+                          (job.job_id,)).fetchall()
+    db.close()
+    sizes = {}
+    for name, lstat in rows:
+        out = lab.bconsole(f'.bvfs_decode_lstat lstat="{lstat}"')
+        m = re.search(r"^st_size=(-?\d+)$", out, re.M)
+        assert m, out
+        sizes[name] = int(m.group(1))
+    return sizes
+
+
+def streams_of(vm_json: Path) -> dict[str, int]:
+    """The exact size of each disk stream of a backup, from its (restored) vm.json."""
+    return {d["label"]: d["bytes_stored"] for d in json.loads(vm_json.read_text())["disks"]}
+
+
+async def test_a_disk_is_streamed_while_it_is_read_and_restores_byte_identical(
+        lab: tuple[BaculaLab, LabConfig], world: World, tmp_path: Path) -> None:
+    """The sink sends a disk stream as it is read (no spool file), announcing its size as
+    unknown (-1, as Bacula's bpipe does) when the stream is longer than its lookahead, exactly
+    when not; Bacula stores it whole and the restore (which gets -1 back in the STAT) rebuilds
+    the disk byte-identical. One disk at a time (concurrent_disks=1): nothing ever waits, so
+    nothing is spooled: working_dir is a folder that cannot be created (under a file), which
+    a spool file would need."""
+    bl, config = lab
+    blocker = world.tmp / "a-file"
+    blocker.write_text("working_dir cannot be under a file\n")
+    configure(config, world, working_dir=str(blocker / "work"))
+    big = 3 * LOOKAHEAD
+    vm = world.add_vm("ms", [(64 * MiB, [(0, big // 2), (32 * MiB, big // 2)]),
+                             (8 * MiB, [(MiB, MiB)]), (32 * MiB, [(0, big)])], ngt=True)
+    root = f"/@ahvbackup/{cluster_of(world, vm.uuid)}/ms"
+    full = await in_thread(bl.run_job, "run job=ahv-streamed level=Full yes")
+    assert_clean(bl, full)
+    assert full.files == 3 + 1 + 1, describe(bl, full)  # 3 disks, vm.json, restore options
+    assert "spooling to" not in (world.tmp / "backend.log").read_text()  # no disk waited
+    assert blocker.is_file()
+
+    first = tmp_path / "full"
+    done = await restore(bl, full, first)
+    assert_clean(bl, done)
+    disk = first / root.lstrip("/")
+    streams = streams_of(disk / "vm.json")
+    sizes = catalog_sizes(bl, full)
+    # longer than the lookahead: streamed, size unknown; the small one: its exact size
+    assert sizes[f"{root}/disks/scsi.0.ahvd"] == UNKNOWN_SIZE, sizes
+    assert sizes[f"{root}/disks/scsi.2.ahvd"] == UNKNOWN_SIZE, sizes
+    assert sizes[f"{root}/disks/scsi.1.ahvd"] == streams["scsi.1"], (sizes, streams)
+    assert sizes[f"{root}/vm.json"] == (disk / "vm.json").stat().st_size, sizes
+    # every byte is in the job: the streams, vm.json and the plugin's restore options
+    assert sum(streams.values()) + sizes[f"{root}/vm.json"] <= full.bytes, describe(bl, full)
+    assert full.bytes < sum(streams.values()) + sizes[f"{root}/vm.json"] + 4096
+    for i in range(3):
+        assert same_as_sim(world.sim, vm.uuid, i, disk / f"scsi.{i}.raw"), i
+
+    world.sim.write_disk(vm.uuid, 2, 4 * MiB, os.urandom(2 * LOOKAHEAD))
+    inc = await in_thread(bl.run_job, "run job=ahv-streamed level=Incremental yes")
+    assert_clean(bl, inc)
+    assert catalog_sizes(bl, inc)[f"{root}/disks/scsi.2.ahvd"] == UNKNOWN_SIZE
+    done = await restore(bl, inc, first)  # the chain, link by link, into the same where
+    assert_clean(bl, done)
+    for i in range(3):
+        assert same_as_sim(world.sim, vm.uuid, i, disk / f"scsi.{i}.raw"), i
+
+
+async def test_disks_read_while_another_is_sent_are_spooled_and_restore_byte_identical(
+        lab: tuple[BaculaLab, LabConfig], world: World, tmp_path: Path) -> None:
+    """With three disks read at once, one streams while the others spool meanwhile (each
+    spool file removed once sent); every disk is in the job whole, announced with its exact
+    size or as unknown (never another size), and restores byte-identical."""
+    bl, config = lab
+    configure(config, world)
+    big = 2 * LOOKAHEAD
+    vm = world.add_vm("mp", [(32 * MiB, [(0, big)]), (32 * MiB, [(MiB, big)]),
+                             (8 * MiB, [(0, MiB)])], ngt=True)
+    root = f"/@ahvbackup/{cluster_of(world, vm.uuid)}/mp"
+    full = await in_thread(bl.run_job, "run job=ahv-spooled level=Full yes")
+    assert_clean(bl, full)
+    assert full.files == 3 + 1 + 1, describe(bl, full)
+    assert "spooling to" in (world.tmp / "backend.log").read_text()  # some disk waited
+    assert not list(world.tmp.glob("ahvbackup-spool-*/*")), "a spool file was left behind"
+    where = tmp_path / "restored"
+    done = await restore(bl, full, where)
+    assert_clean(bl, done)
+    disk = where / root.lstrip("/")
+    streams = streams_of(disk / "vm.json")
+    sizes = catalog_sizes(bl, full)
+    for i in range(3):
+        assert sizes[f"{root}/disks/scsi.{i}.ahvd"] in (streams[f"scsi.{i}"], UNKNOWN_SIZE)
+        assert same_as_sim(world.sim, vm.uuid, i, disk / f"scsi.{i}.raw"), i
+    assert sum(streams.values()) + sizes[f"{root}/vm.json"] <= full.bytes, describe(bl, full)
+
+
+async def test_a_disk_that_fails_while_it_is_streamed_fails_its_vm_alone(
+        lab: tuple[BaculaLab, LabConfig], world: World, tmp_path: Path) -> None:
+    """Prism fails in the middle of a streamed disk: that file's data is ended cleanly (an
+    error packet inside a file's data would make the metaplugin stop the backend, failing
+    every VM), the job log says the file is incomplete and the VM failed; the other VM of the
+    job is backed up and restores byte-identical, and the incomplete file is refused at
+    restore."""
+    bl, config = lab
+    configure(config, world)
+    failing = world.add_vm("mfa", [(64 * MiB, [(0, 6 * LOOKAHEAD)])], ngt=True)
+    fine = world.add_vm("mfb", [(8 * MiB, [(0, 2 * MiB)])], ngt=True)
+    reads = r"^/api/nutanix/v3/images/[^/]+/file$"
+    # reads slowed down (8 at once, half a second each), so the test sees the stream going
+    slow = world.sim.faults.add(method="GET", path=reads, latency=0.5, count=None)
+    log_path = world.tmp / "backend.log"
+
+    def data_reads() -> int:
+        return sum(n for k, n in world.sim.stats.requests.items()
+                   if k.endswith("GET /api/nutanix/v3/images/{uuid}/file"))
+
+    out = await in_thread(bl.bconsole, "run job=ahv-midfail level=Full yes")
+    (job_id,) = (int(x) for x in re.findall(r"Job queued\. JobId=(\d+)", out))
+    with trio.fail_after(120):
+        while data_reads() < 2 * LOOKAHEAD // MiB + 4:  # mfa (first) is past the lookahead
+            await trio.sleep(0.05)
+        world.sim.faults.remove(slow.id)
+        broken = world.sim.faults.add(method="GET", path=reads, status=500, count=None)
+        while "the disk stream stopped after" not in log_path.read_text():
+            await trio.sleep(0.05)
+        world.sim.faults.remove(broken.id)
+    await in_thread(bl.bconsole, f"wait jobid={job_id}")
+    job = bl.job(job_id)
+    text = lines(bl, job)
+    assert job.status == "T" and job.errors > 0, describe(bl, job)
+    assert "Backend reported error" not in text and "Protocol error" not in text, text
+    assert re.search(r"Warning: ahvbackup: \S+/mfa/disks/scsi\.0\.ahvd: the disk stream "
+                     r"stopped after \d+ bytes were sent \(its reading failed or was "
+                     r"cancelled\); that file of this job is incomplete", text), text
+    assert re.search(r"Error: ahvbackup: VM mfa: backup failed", text), text
+    assert "VM backed up: vm=mfb" in text and "VM backed up: vm=mfa" not in text, text
+    files = bl.bconsole(f"list files jobid={job.job_id}")
+    assert "/mfa/disks/scsi.0.ahvd" in files and "/mfa/vm.json" not in files, files
+
+    where = tmp_path / "restored"
+    done = await restore(bl, job, where)
+    assert done.errors > 0, describe(bl, done)  # the incomplete stream is refused
+    assert "truncated" in lines(bl, done), lines(bl, done)
+    cluster = cluster_of(world, fine.uuid)
+    assert same_as_sim(world.sim, fine.uuid, 0, where / "@ahvbackup" / cluster / "mfb" /
+                       "scsi.0.raw")
+    assert not (where / "@ahvbackup" / cluster_of(world, failing.uuid) / "mfa" /
+                "scsi.0.raw").exists()
 
 
 async def test_estimate_listing_sizes_each_disk_by_its_allocated_data(

@@ -3,12 +3,19 @@
 Two ways out, one per Bacula path:
 
 - metaplugin (`attach_emitter`): each disk stream becomes the virtual file
-  ``@ahvbackup/<cluster>/<vm>/disks/<label>.ahvd`` and the manifest ``.../vm.json``. Bacula wants
-  a file's size in its STAT before the data, and the stream's exact size is only known once it
-  is written (zero detection and the encoder decide the record layout), so each stream is
-  spooled to a file under ``working_dir`` first and sent from there; a disk that fails while
-  being read therefore never reaches Bacula half written. ``vm.json`` is sent last, at commit:
-  its presence in a job means every disk of that VM is in the job too.
+  ``@ahvbackup/<cluster>/<vm>/disks/<label>.ahvd`` and the manifest ``.../vm.json``. One file
+  is sent at a time. A disk whose turn it is is sent *as it is read*, so reading from Prism and
+  sending to Bacula overlap. Bacula wants a file's size in its STAT before the data, and a
+  stream's exact size is only known once it is written (zero detection and the encoder decide
+  the record layout), so a streamed disk is announced with size -1, "unknown", as Bacula's own
+  bpipe plugin does (see `UNKNOWN_SIZE` for what Bacula does with it); a stream that ends
+  within `LOOKAHEAD` bytes, or before its turn, is announced with its exact size. Disks read
+  while another file is being sent (``concurrent_disks``) are buffered to a spool file under
+  ``working_dir`` meanwhile and sent from it when their turn comes, catching up and then
+  streaming. A disk that fails before its turn never reaches Bacula; one that fails while it
+  is streamed is ended there (its stream has no trailer, and restore refuses it) and its VM
+  gets no vm.json. ``vm.json`` is sent last, at commit: its presence in a job means every disk
+  of that VM is in the job too, complete.
 - bpipe (`attach_pipe`): exactly one disk stream is written to a file descriptor (stdout of
   ``ahvbackup bpipe backup``), as it is produced.
 
@@ -49,6 +56,24 @@ from .handlers import FileEmitter, JobMessages
 log = logging.getLogger("ahvbackup.bacula.sink")
 
 SPOOL_READ = 1 << 20
+#: the STAT size of a stream sent before its end is known. Bacula 15.0.3 takes it as it is
+#: (pluginlib/metaplugin_attributes.cpp read_scan_stat_command stores it in st_size), reads
+#: the data up to its end of data whatever the size (metaplugin.cpp perform_read_data), always
+#: reads a command plugin's data (filed/backup.c save_file: cmd_plugin), counts JobBytes from
+#: the bytes sent (backup.c send_data), never applies FileSet sparse/offsets to a plugin's
+#: file (filed/fd_plugins.c: only the plugin's own save_pkt flags) and hands the size back
+#: unchanged in the STAT of the restore, which the restore does not use. What shows it: the
+#: catalog's size of that file (LStat; bconsole's restore tree prints -1) and a Verify
+#: VolumeToCatalog, which reports the size as different. The exact size of every stream is in
+#: vm.json and in the job log's "VM backed up: ... stored=" line.
+UNKNOWN_SIZE = -1
+#: a stream that ends within this many bytes is sent with its exact size (copied in memory
+#: first); a longer one is streamed from there on, with UNKNOWN_SIZE
+LOOKAHEAD = 8 << 20
+#: items of a streamed disk queued between the encoder and the file daemon
+LIVE_QUEUE = 2
+#: how long a failed or cancelled disk may take to end its file's data cleanly
+DRAIN_SECONDS = 2.0
 #: manifests kept per VM in the record of sent backups (enough for any chain Bacula keeps)
 SENT_KEPT = 200
 _io = trio.CapacityLimiter(4)
@@ -61,7 +86,8 @@ def virtual_part(name: str) -> str:
 
 
 class _EmitterWriter(BackupWriter):
-    """One VM to the metaplugin: spooled disk streams, then vm.json."""
+    """One VM to the metaplugin: its disk streams (streamed, or spooled while they wait for
+    their turn), then vm.json."""
 
     def __init__(self, sink: BaculaSink, vm: VmInfo, backup_id: str, level: str) -> None:
         assert sink.emitter is not None
@@ -73,12 +99,8 @@ class _EmitterWriter(BackupWriter):
         self.level = level
         self.created = time.time()
         self.stored: dict[str, int] = {}
+        # created when a disk has to wait for its turn (and removed with abort/commit)
         self.spool = sink.spool_root / safe_name(f"{backup_id}-{vm.uuid}")
-        try:
-            self.spool.mkdir(parents=True, mode=0o700)
-        except OSError as err:
-            raise SinkError(f"working_dir: cannot create the spool folder {self.spool} "
-                            f"({err.strerror})") from err
 
     def vpath(self, *leaf: str) -> str:
         assert self.sink.path_of is not None
@@ -86,31 +108,84 @@ class _EmitterWriter(BackupWriter):
         return self.sink.path_of(cluster, virtual_part(self.vm.name), *leaf)
 
     async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
-        path = self.spool / f"{safe_name(label)}.ahvd"
-        total = 0
+        fname = self.vpath("disks", f"{safe_name(label)}.ahvd")
+        stream = _DiskStream(self, label, chunks)
+        slot = self.sink.send_slot
+        held = _try_acquire(slot)
         try:
-            f = await trio.to_thread.run_sync(open, path, "wb", limiter=_io)
-            try:
-                async for chunk in chunks:
-                    await trio.to_thread.run_sync(f.write, chunk, limiter=_io)
-                    total += len(chunk)
-            finally:
-                await trio.to_thread.run_sync(f.close, limiter=_io)
-        except OSError as err:
-            path.unlink(missing_ok=True)
-            raise SinkError(f"VM {self.vm.name} disk {label}: cannot spool the stream to {path} "
-                            f"({err.strerror}); working_dir needs room for the largest disk "
-                            "streams written at once") from err
-        try:
-            sent = await self.emitter.file(self.vpath("disks", f"{safe_name(label)}.ahvd"),
-                                           size=total, mtime=self.created,
-                                           chunks=_read_file(path))
+            # buffer until the stream ends, or it is our turn and the lookahead is full
+            while not stream.done and not (held and stream.buffered >= LOOKAHEAD):
+                await stream.buffer_next(to_memory=held and stream.spool is None)
+                held = held or _try_acquire(slot)
+            if not held:
+                await slot.acquire()
+                held = True  # no checkpoint in between: the slot is ours once acquired
+            if stream.spool is not None:
+                log.info("VM %s disk %s: its turn came after %d bytes were spooled%s",
+                         self.vm.name, label, stream.buffered,
+                         " (the whole stream)" if stream.done else "; catching up, then streaming")
+            sent = await self._send(fname, stream)
         finally:
-            path.unlink(missing_ok=True)
-        if sent != total:
-            raise SinkError(f"VM {self.vm.name} disk {label}: sent {sent} of {total} bytes")
-        self.stored[label] = total
-        return total
+            if held:
+                slot.release()
+            stream.close()
+        if sent != stream.total:
+            raise SinkError(f"VM {self.vm.name} disk {label}: sent {sent} of {stream.total} "
+                            "bytes")
+        self.stored[label] = sent
+        return sent
+
+    async def _send(self, fname: str, stream: _DiskStream) -> int:
+        """Send the stream as one file: what is buffered, then (when it has not ended yet) the
+        encoder's items as they come, through a small queue, so that reading and sending
+        overlap. The sending runs shielded and ends its file's data at a packet boundary
+        (`stop`) when the reading fails or is cancelled: a cancellation in the middle of a
+        packet, or an error packet inside a file's data (metaplugin.cpp perform_read_data stops
+        the backend), would break the protocol for every other VM of the job."""
+        size = stream.buffered if stream.done else UNKNOWN_SIZE
+        tx, rx = trio.open_memory_channel[bytes](LIVE_QUEUE)
+        result: list[int] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                sender: trio.CancelScope = await nursery.start(self._sender, fname, size,
+                                                               stream, rx, result)
+                try:
+                    async with tx:
+                        if not stream.done:
+                            async for chunk in stream.chunks:
+                                await tx.send(bytes(chunk))  # the encoder reuses its buffer
+                                stream.total += len(chunk)
+                            stream.done = True
+                    await stream.sent.wait()
+                except BaseException:
+                    stream.stop = True  # the data ends after the item being sent
+                    # a file daemon that does not read any more cannot hold up the cleanup
+                    sender.deadline = trio.current_time() + DRAIN_SECONDS
+                    raise
+        except BaseExceptionGroup as group:  # the one error, as the caller would see it
+            inner: BaseException = group
+            while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+                inner = inner.exceptions[0]
+            raise inner from None
+        return result[0]
+
+    async def _sender(self, fname: str, size: int, stream: _DiskStream,
+                      rx: trio.MemoryReceiveChannel[bytes], result: list[int],
+                      task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
+                      ) -> None:
+        with trio.CancelScope(shield=True) as scope:
+            task_status.started(scope)
+            try:
+                async with contextlib.aclosing(stream.data(rx)) as data:
+                    result.append(await self.emitter.file(fname, size=size, mtime=self.created,
+                                                          chunks=data))
+                if stream.stop and self.sink.messages is not None:
+                    await self.sink.messages.warning(
+                        f"{fname}: the disk stream stopped after {result[0]} bytes were sent "
+                        "(its reading failed or was cancelled); that file of this job is "
+                        "incomplete (restore refuses it) and its VM has no vm.json in this job")
+            finally:
+                stream.sent.set()
 
     async def commit(self, manifest: Manifest) -> StoredBackup:
         doc = manifest.to_bytes()
@@ -124,6 +199,93 @@ class _EmitterWriter(BackupWriter):
         """Disks already sent stay in the Bacula job (they cannot be taken back); without
         vm.json they are recognisably incomplete, and the handlers report the VM as failed."""
         await trio.to_thread.run_sync(shutil.rmtree, self.spool, True)
+
+
+def _try_acquire(slot: trio.Semaphore) -> bool:
+    try:
+        slot.acquire_nowait()
+    except trio.WouldBlock:
+        return False
+    return True
+
+
+class _DiskStream:
+    """One disk stream on its way to the file daemon: what was read before its turn (in
+    memory up to `LOOKAHEAD` when it is its turn, else in a spool file), then the rest as the
+    encoder produces it. The encoder reuses an item's buffer once the next one is asked for, so
+    an item is copied whenever it is kept."""
+
+    def __init__(self, writer: _EmitterWriter, label: str,
+                 chunks: AsyncIterator[bytes | memoryview]) -> None:
+        self.writer = writer
+        self.label = label
+        self.chunks = chunks.__aiter__()
+        self.head: list[bytes] = []
+        self.spool: Path | None = None
+        self._file: BinaryIO | None = None
+        self.buffered = 0  # bytes in head or in the spool file
+        self.total = 0  # bytes taken from the encoder
+        self.done = False  # the encoder's stream ended
+        self.stop = False  # the reading failed: end the data where it is
+        self.sent = trio.Event()
+
+    async def buffer_next(self, *, to_memory: bool) -> None:
+        """Take the next item into the buffer (or note the end of the stream)."""
+        try:
+            chunk = await self.chunks.__anext__()
+        except StopAsyncIteration:
+            self.done = True
+            return
+        if to_memory:
+            self.head.append(bytes(chunk))
+        else:
+            await self._spill(chunk)
+        self.buffered += len(chunk)
+        self.total += len(chunk)
+
+    async def _spill(self, chunk: bytes | memoryview) -> None:
+        w = self.writer
+        path = w.spool / f"{safe_name(self.label)}.ahvd"
+        try:
+            if self._file is None:
+                w.spool.mkdir(parents=True, exist_ok=True, mode=0o700)
+                self._file = await trio.to_thread.run_sync(open, path, "wb", limiter=_io)
+                self.spool = path
+                log.info("VM %s disk %s: another file is being sent; spooling to %s meanwhile",
+                         w.vm.name, self.label, path)
+            await trio.to_thread.run_sync(self._file.write, chunk, limiter=_io)
+        except OSError as err:
+            raise SinkError(f"VM {w.vm.name} disk {self.label}: cannot spool the stream to "
+                            f"{path} ({err.strerror}); working_dir needs room for the disk "
+                            "streams read while another one is being sent") from err
+
+    async def data(self, queue: trio.MemoryReceiveChannel[bytes]
+                   ) -> AsyncIterator[bytes | memoryview]:
+        """The file's data: the buffer, then the queue; it ends early on `stop`."""
+        if self.spool is not None:
+            assert self._file is not None
+            self._file.flush()
+            async with contextlib.aclosing(_read_file(self.spool)) as blocks:
+                async for block in blocks:
+                    if self.stop:
+                        return
+                    yield block
+        while self.head and not self.stop:
+            yield self.head.pop(0)
+        async with queue:
+            async for item in queue:
+                if self.stop:
+                    return
+                yield item
+
+    def close(self) -> None:
+        """Drop the buffer (synchronous: it runs in cancelled code too)."""
+        self.head.clear()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.spool is not None:
+            self.spool.unlink(missing_ok=True)
 
 
 class _PipeWriter(BackupWriter):
@@ -202,6 +364,8 @@ class BaculaSink(Sink):
         self.pipe_fd: int | None = None
         self.pipe_used = False
         self.pipe_lock = trio.CapacityLimiter(1)
+        #: one disk stream at a time goes to the file daemon (FIFO); the others spool meanwhile
+        self.send_slot = trio.Semaphore(1)
         self.spool_root = Path(config.working_dir) / f"ahvbackup-spool-{os.getpid()}"
         self.sent_root = Path(config.state_dir) / "bacula-sent"
         self._vms: set[str] = set()
