@@ -74,6 +74,8 @@ async def test_a_chain_through_a_prism_storm_keeps_exact_points_and_no_debris(
             # the job could not start (Prism would not list clusters or VMs): the CLI prints
             # this one line and exits 3
             refused: list[AhvBackupError] | None = our_errors(err)
+            if refused is None:  # anything but our own one-line errors is a bug
+                raise
         else:
             refused = None
         if refused is not None:
