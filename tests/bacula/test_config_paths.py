@@ -272,10 +272,10 @@ def test_a_key_not_done_yet_fails_a_bacula_job_before_anything_is_touched(
     answer = b.params([*base_params, "mode=restore", "target_cluster=dr-01", "power_on=yes"])
     assert answer.kind == "E"
     assert answer.text.split("; ") == [  # a job log message is one line
-        "plugin string: target_cluster: the cluster a restore creates the VM on (restores "
-        "write local disk images today): this version does not do that yet",
-        "plugin string: power_on: powering on a VM a restore creates (restores write local "
-        "disk images today): this version does not do that yet",
+        "plugin string: target_cluster: shapes the VM a restore creates on a cluster "
+        "(target=ahv), but target=raw writes disk images",
+        "plugin string: power_on: shapes the VM a restore creates on a cluster (target=ahv), "
+        "but target=raw writes disk images",
     ]
     b.command("RestoreStart")
     refused = b.receive()

@@ -333,6 +333,7 @@ async def drivers(w: Walk) -> None:
     with pytest.raises(ConfigError, match="sink=bacula works only inside a Bacula job"):
         refuse_hosted_sink(w.config(sink="bacula"))
     assert type(Runtime.from_config(w.config(target="raw")).target()).name == "raw"
+    assert type(Runtime.from_config(w.config(target="ahv")).target()).name == "ahv"
     with pytest.raises(ConfigError, match=r"target=qcow2: .*this version does not do that yet"):
         w.config(target="qcow2")
 
@@ -360,6 +361,53 @@ async def retention_keys(w: Walk, monkeypatch: pytest.MonkeyPatch) -> None:
         time=lambda: later, strftime=time.strftime, gmtime=time.gmtime))
     await w.works(vm="walk-b", keep_days=1)
     assert await count() == 1  # only the newest is kept, however old
+
+
+async def restore_to_ahv(w: Walk) -> None:
+    """target=ahv with each key unset and set: the VM made differs as the key says, and a
+    value that cannot work is refused before anything is created."""
+    from ahvbackup.core.jobs.restore import RestoreJob, pick_backup
+    from ahvbackup.hypervisors.ahv.simulator.model import Nic
+
+    sim = w.world.sim
+    cluster = next(iter(sim.clusters.values()))
+    vlan0 = next(s for s in sim.subnets.values() if s.name == "vlan0")
+    sim.find_vm("walk-a").nics.append(Nic(str(uuid.uuid4()), "50:6b:8d:00:00:01", vlan0.uuid))
+    await w.works(vm="walk-a")
+
+    async def restore(**keys: Any) -> Any:
+        cfg = w.config(target="ahv", user="admin", password="nutanix/4u", **keys)
+        rt = Runtime.from_config(cfg)
+        backup = await pick_backup(rt, vm="walk-a", backup_id=None)
+        try:
+            out = await RestoreJob(rt, backup, dest=w.world.tmp / "unused").run()
+        except AhvBackupError as err:
+            return str(err)
+        assert out.ok, out.to_json()
+        return sim.vms[out.path]
+
+    def shape(vm: Any) -> tuple[Any, ...]:
+        return (vm.name, vm.cluster_uuid, {d.container_uuid for d in vm.data_disks},
+                vm.num_sockets * vm.num_vcpus_per_socket, vm.memory_mib, vm.power_state,
+                [sim.subnets[n.subnet_uuid].name for n in vm.nics])
+
+    src = sim.find_vm("walk-a")
+    plain = await restore()
+    assert shape(plain) == ("walk-a-restored", cluster.uuid, {cluster.containers[0].uuid},
+                            src.num_sockets * src.num_vcpus_per_socket, src.memory_mib, "OFF",
+                            ["vlan0"])
+    tuned = await restore(restore_vm_name="walk-a-2", target_cluster=cluster.name,
+                          target_container="SelfServiceContainer", vcpu=3, memory_mib=512,
+                          power_on="yes", network_map="vlan0=backup-net")
+    assert shape(tuned) == ("walk-a-2", cluster.uuid, {cluster.containers[1].uuid}, 3, 512,
+                            "ON", ["backup-net"])
+    made = set(sim.vms)
+    for keys, said in (({"restore_vm_name": "walk-b"}, "already exists"),
+                       ({"target_cluster": "nope"}, "target_cluster: no cluster 'nope'"),
+                       ({"target_container": "nope"}, "has no container 'nope'"),
+                       ({"network_map": "vlan0=nope"}, "has no subnet 'nope'")):
+        assert said in await restore(**{"restore_vm_name": "walk-a-3", **keys})
+    assert set(sim.vms) == made
 
 
 async def api_version(w: Walk) -> None:
@@ -393,6 +441,13 @@ EVIDENCE: dict[str, Evidence] = {
     "mode": mode,
     "where": restore_place,
     "restore_disks_only": restore_place,
+    "restore_vm_name": restore_to_ahv,
+    "target_cluster": restore_to_ahv,
+    "target_container": restore_to_ahv,
+    "network_map": restore_to_ahv,
+    "power_on": restore_to_ahv,
+    "vcpu": restore_to_ahv,
+    "memory_mib": restore_to_ahv,
     "verbose": logging_keys,
     "debug_log": logging_keys,
     "working_dir": places,
@@ -476,13 +531,13 @@ def test_refused_keys_name_their_issue_in_the_docs() -> None:
 
 
 def test_cli_refuses_a_refused_key_with_exit_2(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "restore", "--vm", "x", "-o", "power_on=yes", "-o",
-                           "target_cluster=dr-01", "-o", f"repository={tmp_path}"],
+    done = subprocess.run([*CLI, "restore", "--vm", "x", "-o", "dr_port=9000", "-o",
+                           "dr_host=dr-01", "-o", f"repository={tmp_path}"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "ahvbackup: error: command line: target_cluster: the cluster a restore creates the VM "
-        "on (restores write local disk images today): this version does not do that yet",
-        "command line: power_on: powering on a VM a restore creates (restores write local disk "
-        "images today): this version does not do that yet",
+        "ahvbackup: error: command line: dr_host: the DR receiver's host (DR replication): "
+        "this version does not do that yet",
+        "command line: dr_port: the DR receiver's port (DR replication): this version does "
+        "not do that yet",
     ]

@@ -146,6 +146,36 @@ async def _scenario(sim: Simulator, rec: Recorder) -> None:
         await pc.put(f"{V3}/vms/{new_uuid}", json=got)  # stale spec_version: 409
         await viewer.delete(f"{V3}/vms/{new_uuid}")  # 403
         await pc.delete(f"{V3}/vms/{new_uuid}")
+        # a restore's VM: a disk cloned from an empty volume-group disk (vm_disk), a chosen
+        # container, machine type; refused for a role without VM create (403)
+        cluster = sim.clusters[db.cluster_uuid]
+        vg_uuid = "5e0c7f4e-6b2a-4c39-9d6e-0a1b2c3d4e5f"
+        await pe.post("/api/nutanix/v2.0/volume_groups", json={
+            "uuid": vg_uuid, "name": "restore-stage", "disk_list": [{"create_spec": {
+                "container_uuid": cluster.containers[1].uuid, "size": (1 << 20) + 512}}]})
+        vmdisk = sim.volume_groups.get(vg_uuid).disks[0].uuid
+        restore_spec = {"metadata": {"kind": "vm"}, "spec": {
+            "name": "restored-from-vg",
+            "cluster_reference": {"kind": "cluster", "uuid": cluster.uuid},
+            "resources": {"machine_type": "Q35", "boot_config": {"boot_type": "UEFI"},
+                          "disk_list": [{
+                              "data_source_reference": {"kind": "vm_disk", "uuid": vmdisk},
+                              "storage_config": {"storage_container_reference": {
+                                  "kind": "storage_container",
+                                  "uuid": cluster.containers[1].uuid}}}],
+                          "nic_list": [{"subnet_reference": subnet_ref}]}}}
+        await viewer.post(f"{V3}/vms", json=restore_spec)  # 403
+        from_vg = await pc.post(f"{V3}/vms", json=restore_spec)
+        assert from_vg.status_code == 202, from_vg.text
+        made = sim.vms[from_vg.json()["metadata"]["uuid"]]
+        assert [(d.size, d.container_uuid) for d in made.data_disks] == [
+            ((1 << 20) + 512, cluster.containers[1].uuid)]
+        got = (await pc.get(f"{V3}/vms/{made.uuid}")).json()
+        assert got["status"]["resources"]["machine_type"] == "Q35"
+        listed = await pc.post(f"{V3}/subnets/list",
+                               json={"filter": f"cluster_uuid=={cluster.uuid}"})
+        assert {e["status"]["resources"]["ip_config"]["prefix_length"]
+                for e in listed.json()["entities"]} == {24}
         await pc.post(f"{V3}/vms", json={"spec": {}})  # 422
         await pc.post(f"{V3}/vms", content=b"{not json")  # 400
         await pc.post(f"{V3}/idempotence_identifiers",
@@ -173,7 +203,8 @@ async def test_every_v3_answer_validates_against_the_official_swagger(sim: Simul
     assert not failures, "\n".join(failures)
     # the scenario really exercised successes, async 202s and the error envelope
     for must in ("POST 200", "GET 200", "POST 202", "PUT 202", "DELETE 202", "GET 404",
-                 "POST 422", "POST 400", "POST 401", "DELETE 403", "PUT 409", "GET 409"):
+                 "POST 422", "POST 400", "POST 401", "DELETE 403", "POST 403", "PUT 409",
+                 "GET 409"):
         assert must in checked, f"scenario did not validate any {must}"
 
 

@@ -26,6 +26,7 @@ import trio
 from ahvbackup.core.drivers import DiskWriter, RestoreRequest, RestoreTarget, VmRestore
 from ahvbackup.core.errors import ConfigError, StreamFormatError, TargetError
 from ahvbackup.core.fsutil import atomic_write_json
+from ahvbackup.core.jobs.restore import refuse_vm_keys
 from ahvbackup.core.model import DiskInfo
 from ahvbackup.core.stream import Decoder, Record, StreamHeader, Trailer
 from ahvbackup.targets.raw import RawDiskWriter, RawImage, image_parts
@@ -58,6 +59,7 @@ class StreamApplier:
                  name: str = "") -> None:
         """Images go where `target` puts them under `dest` (raw: ``<dest>/<vm>/<label>.raw``);
         `vm_name` overrides the VM folder name (default: the name in the stream)."""
+        refuse_vm_keys(target)
         if target.needs_cluster:
             raise ConfigError(f"target: {target.name!r} restores to a cluster, which this "
                               "version does not do through Bacula yet (restore to files, "

@@ -269,7 +269,17 @@ def _serve(read_fd: int, write_fd: int, *, plugin: str, api: str,
 
 
 def main(argv: Sequence[str] | None = None, *, handlers: BackendHandlers | None = None) -> int:
-    """Run one metaplugin session on stdin/stdout; returns the exit status."""
+    """Run one metaplugin session on stdin/stdout; returns the exit status.
+
+    ``--standalone health-check [--config FILE]... [--json]`` runs the pre-flight check
+    instead, on an ordinary terminal, without Bacula (exit 0 ready, 2 configuration, 3
+    unreachable); without ``--config`` it reads the files a session would."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--standalone"]:
+        from ahvbackup.core.cli.health import standalone_main
+
+        return standalone_main(args[1:], prog="ahvbackup-bacula-backend --standalone",
+                               default_configs=config_files())
     read_fd, write_fd = _take_protocol_fds()
     for signum in (signal.SIGUSR1, signal.SIGTERM):
         signal.signal(signum, _note_signal)

@@ -152,6 +152,9 @@ class FileEmitter(Protocol):
     ) -> int:
         """Send one regular file; returns the number of data bytes sent.
 
+        `size` is the STAT size: the exact size, or -1 when it is not known before the data
+        (Bacula reads the data to its end either way and stores the size in its catalog).
+
         `chunks` may be any size (they are split into packets of at most 999999 bytes) and
         is read only in backup. An `AhvBackupError` raised by `chunks` fails this file in
         the job log (the error names it) and is re-raised.

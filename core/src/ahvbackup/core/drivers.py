@@ -13,24 +13,33 @@ from __future__ import annotations
 __all__ = [
     "BackupWriter",
     "ClusterAccess",
+    "ClusterPlace",
     "DataPath",
     "DiskReader",
+    "DiskStage",
     "DiskWriter",
     "DrTransport",
     "Driver",
     "HttpSource",
+    "HttpUpload",
     "Hypervisor",
     "HypervisorSession",
     "IscsiSource",
+    "Network",
+    "NewDisk",
+    "NewNic",
+    "NewVm",
+    "NicShape",
     "RestoreRequest",
     "RestoreTarget",
     "Sink",
     "StoredBackup",
     "VmRestore",
+    "VmShape",
 ]
 
 import abc
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +47,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import marshmallow
 
-from .errors import DataPathError, SinkError
+from .errors import DataPathError, HypervisorError, SinkError
+from .health import HealthCheck, skipped
 from .ledger import Record, ReleaseStack
 from .manifest import Manifest
 from .model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
@@ -94,6 +104,108 @@ class IscsiSource:
     chap: tuple[str, Any] | None = field(repr=False, default=None)
 
 
+@dataclass(frozen=True)
+class ClusterPlace:
+    """A cluster a restore may create a VM on: `uuid`, `name`, and its storage `containers`
+    as (uuid, name) pairs."""
+
+    uuid: str
+    name: str
+    containers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Network:
+    """A network a VM's NIC may join: `uuid`, `name`, `cidr` (``10.0.0.0/24``, "" when the
+    platform does not manage its addresses), on cluster `cluster_uuid`."""
+
+    uuid: str
+    name: str
+    cidr: str
+    cluster_uuid: str
+
+
+@dataclass(frozen=True)
+class NicShape:
+    """One NIC of a recorded VM: the network it was on, and its MAC address."""
+
+    network_uuid: str
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class VmShape:
+    """What a restore recreates of a backed-up VM, read from its recorded configuration:
+    CPU (`sockets` x `cores_per_socket`), `memory_mib`, firmware (`boot_type`),
+    `machine_type`, its NICs and `description`, and the cluster it was on."""
+
+    cluster_uuid: str
+    sockets: int = 1
+    cores_per_socket: int = 1
+    memory_mib: int = 1024
+    boot_type: str = ""
+    machine_type: str = ""
+    nics: tuple[NicShape, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class NewNic:
+    """A NIC of a VM to create: its network, and a MAC address (None: a new one)."""
+
+    network_uuid: str
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class NewVm:
+    """A VM to create (without disks: `attach_disks` adds them). Empty `boot_type` or
+    `machine_type` take the platform's default."""
+
+    name: str
+    cluster_uuid: str
+    sockets: int
+    cores_per_socket: int
+    memory_mib: int
+    boot_type: str = ""
+    machine_type: str = ""
+    nics: tuple[NewNic, ...] = ()
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class DiskStage:
+    """A disk written on the cluster before its VM has it (a volume-group disk, an uploaded
+    image): `source_id` is what `NewDisk` clones, `size` its bytes, and `records` what to
+    release (newest last) once the VM's disk is made."""
+
+    source_id: str
+    size: int
+    records: tuple[Record, ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
+class NewDisk:
+    """A disk to add to a created VM: a clone of `stage`, at `bus`.`index`, in `container_uuid`
+    (empty: the cluster's default)."""
+
+    stage: DiskStage
+    bus: str
+    index: int
+    container_uuid: str = ""
+
+
+@dataclass(frozen=True)
+class HttpUpload:
+    """Where a disk's bytes are sent whole, in one HTTP PUT of `size` bytes: `url`,
+    `headers` with the credentials (never shown), `ssl_context` (None for plain http)."""
+
+    url: str
+    size: int
+    headers: Mapping[str, str] = field(repr=False, default_factory=dict)
+    ssl_context: Any = field(repr=False, default=None)
+
+
 class HypervisorSession(abc.ABC):
     """One authenticated conversation with the management plane, for the length of a job.
 
@@ -129,8 +241,9 @@ class HypervisorSession(abc.ABC):
     async def release(self, record: Record) -> None:
         """Release one recorded resource; an already-gone resource counts as released."""
 
-    async def iscsi_portal(self) -> tuple[str, int] | None:
-        """The iSCSI portal (data services address, port) if the platform offers one."""
+    async def iscsi_portal(self, cluster_uuid: str | None = None) -> tuple[str, int] | None:
+        """The iSCSI portal (data services address, port) if the platform offers one (of
+        cluster `cluster_uuid`, or of the first cluster)."""
         return None
 
     async def stage_iscsi(
@@ -139,6 +252,52 @@ class HypervisorSession(abc.ABC):
         """Expose a snapshot disk as an iSCSI LUN that `initiator_iqn` may log in to (iSCSI
         data path); every remote step goes on `stack` before it is relied on."""
         raise DataPathError(f"disk {disk.disk.label}: this hypervisor has no iSCSI path")
+
+    # restore side: what a target that recreates VMs on the platform needs ------------------
+
+    def _no_restore(self, what: str) -> HypervisorError:
+        return HypervisorError(f"this hypervisor cannot {what} (no restore to it)")
+
+    async def restore_places(self) -> list[ClusterPlace]:
+        """The clusters a restore may create VMs on, with their storage containers."""
+        raise self._no_restore("list clusters to restore to")
+
+    async def list_networks(self) -> list[Network]:
+        """Every network of every cluster (the subnets a restored VM's NICs may join)."""
+        raise self._no_restore("list networks")
+
+    def vm_shape(self, config: Mapping[str, Any]) -> VmShape:
+        """Read a backed-up VM's recorded configuration (`Manifest.config`, as this
+        platform gave it) into what a restore recreates."""
+        raise self._no_restore("read a recorded VM configuration")
+
+    async def stage_empty_iscsi(
+        self, *, cluster_uuid: str, container_uuid: str, size: int, name: str,
+        initiator_iqn: str, stack: ReleaseStack,
+    ) -> tuple[IscsiSource, DiskStage]:
+        """A new, all-zero disk of `size` bytes in `container_uuid`, exposed as an iSCSI LUN
+        `initiator_iqn` may write; every remote step goes on `stack` before it is relied on."""
+        raise DataPathError(f"disk {name}: this hypervisor has no iSCSI path")
+
+    async def stage_upload(
+        self, *, cluster_uuid: str, size: int, name: str, stack: ReleaseStack,
+    ) -> tuple[HttpUpload, DiskStage]:
+        """An empty disk object (an image) to PUT `size` bytes into, recorded on `stack`
+        first."""
+        raise self._no_restore("take a disk upload")
+
+    async def create_vm(self, vm: NewVm, *, stack: ReleaseStack) -> str:
+        """Create `vm` (powered off, no disks) under an id recorded on `stack` first, so a
+        retried request makes one VM and an aborted restore leaves none; returns its id."""
+        raise self._no_restore("create VMs")
+
+    async def attach_disks(self, vm_id: str, disks: Sequence[NewDisk]) -> None:
+        """Give the created VM `vm_id` its disks, each a clone of a staged disk."""
+        raise self._no_restore("attach disks")
+
+    async def power_on(self, vm_id: str) -> None:
+        """Power the VM on (and wait until the platform says it is)."""
+        raise self._no_restore("power VMs on")
 
 
 class Hypervisor(Driver):
@@ -149,6 +308,15 @@ class Hypervisor(Driver):
     @abc.abstractmethod
     def connect(self) -> AbstractAsyncContextManager[HypervisorSession]:
         """``async with driver.connect() as session:``"""
+
+    async def health_checks(self, *, timeout: float = 10.0) -> list[HealthCheck]:
+        """Pre-flight checks of the management plane, in order, for `ahvbackup health-check`
+        (reach, authentication, inventory, permissions, the data path's portal); `timeout`
+        bounds each network step. They create nothing on the cluster. By default the
+        platform has none, and one skipped check says so."""
+        return [skipped("hypervisor", f"{self.name or type(self).__name__} checks",
+                        f"the {self.name or type(self).__name__} hypervisor driver has no "
+                        "health checks")]
 
 
 # Data path -------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import marshmallow
 import pluggy
 
 from . import hookspecs
-from .drivers import Driver, RestoreRequest, RestoreTarget
+from .drivers import ClusterAccess, Driver, RestoreRequest, RestoreTarget
 from .model import DiskInfo
 from .plugins import DRIVER_KINDS, HOOKS_GROUP, load_driver
 
@@ -92,7 +92,8 @@ def _files_under(dest: Path) -> list[str]:
 
 
 async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Matches,
-                               leftovers: Callable[[], list[str]] | None = None) -> None:
+                               leftovers: Callable[[], list[str]] | None = None,
+                               cluster: ClusterAccess | None = None) -> None:
     """Hold a restore target to its contract (`RestoreTarget`, `VmRestore`, `DiskWriter`).
 
     - Two disks, one of an odd size, written with data ranges in disk order, zero ranges and
@@ -103,7 +104,9 @@ async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Ma
     - A VM name that climbs out of the destination (``../../x``) still restores inside it.
 
     A file target passes `dest` (empty) and `matches` reading its file format; a cluster
-    target passes `leftovers` listing what it would leave on the cluster.
+    target passes `leftovers` listing what it would leave on the cluster, and the `cluster`
+    access its `begin_vm` gets (a session and a release stack; the VMs are restored without
+    a manifest, as a Bacula restore may hand them).
     """
     label = f"restore target {type(target).__qualname__!r}"
     left = leftovers or (lambda: _files_under(dest))
@@ -111,7 +114,8 @@ async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Ma
     sizes = (3 << 20, (1 << 20) + 512)
     rng = random.Random(7)
     images = [bytearray(n) for n in sizes]
-    vm = await target.begin_vm(RestoreRequest(vm_name="../../check-vm", dest=dest), cluster=None)
+    vm = await target.begin_vm(RestoreRequest(vm_name="../../check-vm", dest=dest),
+                               cluster=cluster)
     where = []
     for i, size in enumerate(sizes):
         disk = DiskInfo(uuid=f"check-disk-{i}", bus="scsi", index=i, size=size)
@@ -138,7 +142,7 @@ async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Ma
 
     committed = left()
     aborted = await target.begin_vm(RestoreRequest(vm_name="check-abort", dest=dest),
-                                    cluster=None)
+                                    cluster=cluster)
     done = await aborted.open_disk(DiskInfo(uuid="a0", bus="scsi", index=0, size=1 << 20),
                                    size=1 << 20)
     await done.write(0, memoryview(b"x" * 4096))

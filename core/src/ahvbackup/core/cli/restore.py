@@ -60,14 +60,21 @@ def _finish(ctx: Context, outcomes: list[RestoreOutcome]) -> None:
               help="Restore only this disk, e.g. scsi.0 (repeatable; restore_disks_only=).")
 @click.option("--dest", type=click.Path(path_type=Path),
               help="Folder for restored disks (default: where= or ./restore).")
+@click.option("--target", "target", metavar="NAME",
+              help="Restore target (target=): raw files, or ahv for a new VM on the cluster "
+                   "(restore_vm_name, target_cluster, target_container, network_map, vcpu, "
+                   "memory_mib, power_on).")
 @pass_context
 def restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
             plugin_string: str | None, vm: str | None, backup_id: str | None, at: str | None,
-            disks: tuple[str, ...], dest: Path | None) -> None:
-    """Rebuild a backup's disks through the restore target (target=raw: sparse raw files).
+            disks: tuple[str, ...], dest: Path | None, target: str | None) -> None:
+    """Rebuild a backup's disks through the restore target (target=raw: sparse raw files;
+    target=ahv: a new VM on an AHV cluster).
 
     Any point of a chain (full + incrementals, or full + differential) restores as it was."""
     when = parse_time(at) if at else None
+    if target:  # as -o target=NAME, placed first so that a later -o target= wins
+        sets = (f"target={target}", *sets)
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose, view=RESTORE_VIEW)
     refuse_hosted_sink(cfg)

@@ -9,7 +9,14 @@ that needs it fails (when it loads the driver, with its error).
 
 from __future__ import annotations
 
-__all__ = ["ConfigSources", "PluginKeys", "assemble_config", "plugin_keys"]
+__all__ = [
+    "VM_RESTORE_KEYS",
+    "ConfigSources",
+    "PluginKeys",
+    "assemble_config",
+    "plugin_keys",
+    "vm_key_refusals",
+]
 
 import dataclasses
 from collections.abc import Iterable, Mapping
@@ -20,11 +27,11 @@ from typing import Any
 from marshmallow import fields as mm_fields
 
 from ..errors import ConfigError
-from ..plugins import DRIVER_KINDS, Hooks, driver_classes, driver_names
+from ..plugins import DRIVER_KINDS, Hooks, driver_classes, driver_names, load_driver
 from .keys import BY_NAME
 from .loader import load_config
 from .model import Config
-from .modes import ModeView, pick_mode
+from .modes import MODE_TABLE, ModeView, pick_mode
 from .not_yet import NOT_YET_DRIVERS, refusals
 
 #: `data_path=auto` picks an installed data path at run time
@@ -103,7 +110,39 @@ def assemble_config(
     if problems:
         raise ConfigError("\n".join(problems))
     config = pick_mode(config, view)
+    if MODE_TABLE[config.mode].job == "restore":
+        problems = vm_key_refusals(config, target_name=str(config.target),
+                                   needs_cluster=_needs_cluster(str(config.target)))
+        if problems:
+            raise ConfigError("\n".join(problems))
     return dataclasses.replace(config, warnings=(*config.warnings, *keys.warnings))
+
+
+#: keys that shape a VM a restore creates: only a cluster target (`needs_cluster`) uses them
+VM_RESTORE_KEYS = ("restore_vm_name", "target_cluster", "target_container", "network_map",
+                   "power_on", "vcpu", "memory_mib")
+
+
+def vm_key_refusals(config: Config, *, target_name: str, needs_cluster: bool) -> list[str]:
+    """Nothing is accepted and then ignored: one line per key that shapes a created VM,
+    set for a target that writes disk images."""
+    if needs_cluster:
+        return []
+    sources = getattr(config, "sources", None) or {}
+    return [f"{sources[k]}: {k}: shapes the VM a restore creates on a cluster (target=ahv), "
+            f"but target={target_name} writes disk images" for k in VM_RESTORE_KEYS
+            if sources.get(k, "default") != "default"]
+
+
+def _needs_cluster(target: str) -> bool:
+    """Whether the target driver of that name creates things on a cluster (a driver that
+    does not load counts as one: the job that loads it says why)."""
+    from ..drivers import RestoreTarget  # drivers imports config for its types
+
+    try:
+        return bool(load_driver("target", target, base=RestoreTarget).needs_cluster)
+    except Exception:
+        return True
 
 
 def _driver_problems(config: Config) -> list[str]:

@@ -28,23 +28,12 @@ class NotYet:
         return not self.values or str(value) in self.values
 
 
-def _restore_to_ahv(key: str, purpose: str) -> NotYet:
-    return NotYet(key, f"{purpose} (restores write local disk images today)", 9)
-
-
 def _dr(key: str, purpose: str) -> NotYet:
     return NotYet(key, f"{purpose} (DR replication)", 12)
 
 
 NOT_YET: tuple[NotYet, ...] = (
     NotYet("prism_api_version", "Prism's v4 API (v3 is used today)", 11, values=("v4",)),
-    _restore_to_ahv("restore_vm_name", "the name of the VM a restore creates on AHV"),
-    _restore_to_ahv("target_cluster", "the cluster a restore creates the VM on"),
-    _restore_to_ahv("target_container", "the storage container of a VM a restore creates"),
-    _restore_to_ahv("network_map", "subnet remapping of a VM a restore creates"),
-    _restore_to_ahv("power_on", "powering on a VM a restore creates"),
-    _restore_to_ahv("vcpu", "the vCPU count of a VM a restore creates"),
-    _restore_to_ahv("memory_mib", "the memory of a VM a restore creates"),
     NotYet("cross_restore", "restoring streams of other hypervisors", 10),
     _dr("dr_host", "the DR receiver's host"),
     _dr("dr_port", "the DR receiver's port"),
@@ -60,7 +49,6 @@ NOT_YET: tuple[NotYet, ...] = (
 
 #: driver names the reference documents that are not installable yet, and their issue
 NOT_YET_DRIVERS: dict[tuple[str, str], int] = {
-    ("target", "ahv"): 9,
     **{("target", name): 10 for name in ("qcow2", "vmdk", "vhdx", "vhd")},
 }
 

@@ -12,7 +12,14 @@ link is named. `verify` reads every link of the chain completely.
 
 from __future__ import annotations
 
-__all__ = ["RestoreJob", "VerifyJob", "parse_time", "pick_backup", "select_disks"]
+__all__ = [
+    "RestoreJob",
+    "VerifyJob",
+    "parse_time",
+    "pick_backup",
+    "refuse_vm_keys",
+    "select_disks",
+]
 
 import contextlib
 import datetime
@@ -26,6 +33,7 @@ from typing import Any
 
 import trio
 
+from ..config.assembly import vm_key_refusals
 from ..containment import safe_name
 from ..drivers import (
     ClusterAccess,
@@ -231,6 +239,15 @@ def select_disks(backup: StoredBackup, names: Sequence[str]) -> tuple[DiskEntry,
     return tuple(d for d in streams if d.uuid in wanted)
 
 
+def refuse_vm_keys(target: RestoreTarget) -> None:
+    """Nothing is accepted and then ignored: a key that shapes a created VM, set for a target
+    that writes disk images (a target handed in, not the configured one), is an error."""
+    lines = vm_key_refusals(target.config, target_name=target.name,
+                            needs_cluster=target.needs_cluster)
+    if lines:
+        raise ConfigError("\n".join(lines))
+
+
 class _StreamJob:
     mode = ""
 
@@ -335,12 +352,15 @@ class RestoreJob(_StreamJob):
         super().__init__(rt, backup, **kw)
         self.dest = dest
         self.target = target or rt.target()
+        refuse_vm_keys(self.target)
 
     async def _disks(self, out: RestoreOutcome, vm: VmRestore | None = None) -> None:
         async with contextlib.AsyncExitStack() as scope:
             cluster = None
             if self.target.needs_cluster:
                 session = await scope.enter_async_context(self.rt.hypervisor.connect())
+                if self.rt.config.job_cleanup_on_abort:  # what a killed restore left
+                    await self.rt.sweep(session)
                 stack = await scope.enter_async_context(ReleaseStack(
                     self.rt.ledger, owner=self.rt.job_id, releaser=session.release))
                 cluster = ClusterAccess(session=session, stack=stack)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 __all__ = ["AhvHypervisor", "AhvSession"]
 
+import copy
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,8 +22,22 @@ import marshmallow
 
 from ahvbackup.core import log as msgs
 from ahvbackup.core.config.fields import Int
-from ahvbackup.core.drivers import HttpSource, Hypervisor, HypervisorSession, IscsiSource
+from ahvbackup.core.drivers import (
+    ClusterPlace,
+    DiskStage,
+    HttpSource,
+    HttpUpload,
+    Hypervisor,
+    HypervisorSession,
+    IscsiSource,
+    Network,
+    NewDisk,
+    NewVm,
+    NicShape,
+    VmShape,
+)
 from ahvbackup.core.errors import ApiNotFoundError, ConfigError, HypervisorError
+from ahvbackup.core.health import HealthCheck
 from ahvbackup.core.ledger import Record, ReleaseStack
 from ahvbackup.core.model import DiskInfo, DiskSnapshot, Region, VmInfo, VmSnapshot
 
@@ -32,6 +47,7 @@ from .client import Cluster, Prism, Vm, connect_prism
 log = logging.getLogger("ahvbackup.ahv")
 
 SNAPSHOT_TIMEOUT = 900.0
+VM_TIMEOUT = 900.0
 IMAGE_TIMEOUT = 900.0
 VG_TIMEOUT = 900.0
 #: the iSCSI port of a cluster's data services address
@@ -184,9 +200,168 @@ class AhvSession(HypervisorSession):
         return IscsiSource(portal=portal, target_iqn=vg.iscsi_target, lun=0,
                            size=vg.disk_sizes[0])
 
+    # -- restore side ----------------------------------------------------------------------
+
+    async def restore_places(self) -> list[ClusterPlace]:
+        """Every AOS cluster, with the storage containers its Prism Element lists (v2.0)."""
+        out = []
+        for cluster in (await self._aos_clusters()).values():
+            pe = await self.prism.pe(cluster.uuid)
+            data = await pe.request_json("GET", "/api/nutanix/v2.0/storage_containers")
+            entities = data.get("entities") if isinstance(data, Mapping) else None
+            containers = tuple(
+                (str(e.get("storage_container_uuid")), str(e.get("name")))
+                for e in entities or [] if isinstance(e, Mapping))
+            out.append(ClusterPlace(uuid=cluster.uuid, name=cluster.name, containers=containers))
+        return out
+
+    async def list_networks(self) -> list[Network]:
+        """The v3 subnets (PC lists every cluster's), with `ip_config` as the CIDR."""
+        def parse(e: Any, *, endpoint: str) -> Network:
+            if not isinstance(e, Mapping):
+                raise HypervisorError(f"{endpoint}: a subnet entity is not an object")
+            spec = e.get("spec") or {}
+            res = (e.get("status") or spec).get("resources") or {}
+            ip = res.get("ip_config") or {}
+            cidr = (f"{ip['subnet_ip']}/{ip['prefix_length']}"
+                    if ip.get("subnet_ip") and ip.get("prefix_length") is not None else "")
+            cref = (e.get("status") or {}).get("cluster_reference") or spec.get(
+                "cluster_reference") or {}
+            return Network(uuid=str((e.get("metadata") or {}).get("uuid")),
+                           name=str((e.get("status") or spec).get("name") or ""), cidr=cidr,
+                           cluster_uuid=str(cref.get("uuid") or ""))
+
+        return await self.prism.pc._list_all("subnet", parse)
+
+    def vm_shape(self, config: Mapping[str, Any]) -> VmShape:
+        """From the VM entity Prism returned at backup time (`spec`, else `status`)."""
+        spec = config.get("spec") or config.get("status") or {}
+        res = spec.get("resources") or {}
+        nics = tuple(
+            NicShape(network_uuid=str((n.get("subnet_reference") or {}).get("uuid") or ""),
+                     mac=n.get("mac_address") or None)
+            for n in res.get("nic_list") or [] if isinstance(n, Mapping))
+        cref = spec.get("cluster_reference") or (config.get("status") or {}).get(
+            "cluster_reference") or {}
+        return VmShape(
+            cluster_uuid=str(cref.get("uuid") or ""),
+            sockets=int(res.get("num_sockets") or 1),
+            cores_per_socket=int(res.get("num_vcpus_per_socket") or 1),
+            memory_mib=int(res.get("memory_size_mib") or 1024),
+            boot_type=str((res.get("boot_config") or {}).get("boot_type") or ""),
+            machine_type=str(res.get("machine_type") or ""),
+            nics=nics, description=str(spec.get("description") or ""),
+        )
+
+    async def stage_empty_iscsi(
+        self, *, cluster_uuid: str, container_uuid: str, size: int, name: str,
+        initiator_iqn: str, stack: ReleaseStack,
+    ) -> tuple[IscsiSource, DiskStage]:
+        """A volume group with one empty disk, our IQN attached (v2.0, as `stage_iscsi`)."""
+        portal = await self.iscsi_portal(cluster_uuid)
+        if portal is None:
+            raise HypervisorError(f"disk {name}: the cluster has no data services IP; set "
+                                  "dsip= or use data_path=rest")
+        pe = await self.prism.pe(cluster_uuid)
+        vg_id = str(uuid.uuid4())
+        vg_rec = stack.record("volume_group", vg_id, cluster=cluster_uuid, disk=name)
+        task = await vgs.create_empty_volume_group(
+            pe, uuid=vg_id, name=f"ahvbackup-restore-{name}", container_uuid=container_uuid,
+            size=size, description="temporary: ahvbackup iSCSI restore of a disk")
+        if task:
+            await pe.wait_task(task, timeout=VG_TIMEOUT, poll=POLL)
+        vg = await vgs.get_volume_group(pe, vg_id)
+        if not vg.disk_sizes or not vg.disk_uuids or vg.disk_sizes[0] < size:
+            raise HypervisorError(f"disk {name}: volume group {vg_id} has no disk of {size} "
+                                  "bytes")
+        att_rec = stack.record("vg_attachment", vg_id, cluster=cluster_uuid,
+                               initiator=initiator_iqn)
+        await vgs.attach_initiator(pe, vg_id, initiator_iqn)
+        source = IscsiSource(portal=portal, target_iqn=vg.iscsi_target, lun=0,
+                             size=vg.disk_sizes[0])
+        return source, DiskStage(source_id=f"vm_disk:{vg.disk_uuids[0]}", size=size,
+                                 records=(vg_rec, att_rec))
+
+    async def stage_upload(
+        self, *, cluster_uuid: str, size: int, name: str, stack: ReleaseStack,
+    ) -> tuple[HttpUpload, DiskStage]:
+        """An image without a source, placed on the cluster, waiting for its bytes."""
+        pc = self.prism.pc
+        image_id = str(uuid.uuid4())
+        rec = stack.record("image", image_id, cluster=cluster_uuid, disk=name)
+        created = await pc.create_image(
+            f"ahvbackup-restore-{name}", uuid=image_id, cluster_uuid=cluster_uuid,
+            description="temporary: ahvbackup REST restore of a disk")
+        if created.task_uuid:
+            await pc.wait_task(created.task_uuid, timeout=IMAGE_TIMEOUT, poll=POLL)
+        headers, ssl_context = pc.data_access()
+        upload = HttpUpload(url=pc.image_file_url(image_id), size=size,
+                            headers={**headers, "Content-Type": "application/octet-stream"},
+                            ssl_context=ssl_context)
+        return upload, DiskStage(source_id=f"image:{image_id}", size=size, records=(rec,))
+
+    async def create_vm(self, vm: NewVm, *, stack: ReleaseStack) -> str:
+        """POST /vms under an idempotence identifier (recorded first), then its task."""
+        pc = self.prism.pc
+        (vm_id,) = (await pc.idempotence_identifiers(1)).uuids[:1]
+        stack.record("vm", vm_id, cluster=vm.cluster_uuid, name=vm.name)
+        resources: dict[str, Any] = {
+            "num_sockets": vm.sockets, "num_vcpus_per_socket": vm.cores_per_socket,
+            "memory_size_mib": vm.memory_mib, "power_state": "OFF", "disk_list": [],
+            "nic_list": [
+                {"subnet_reference": {"kind": "subnet", "uuid": n.network_uuid},
+                 **({"mac_address": n.mac} if n.mac else {})}
+                for n in vm.nics],
+        }
+        if vm.boot_type:
+            resources["boot_config"] = {"boot_type": vm.boot_type}
+        if vm.machine_type:
+            resources["machine_type"] = vm.machine_type
+        spec = {"name": vm.name, "description": vm.description, "resources": resources,
+                "cluster_reference": {"kind": "cluster", "uuid": vm.cluster_uuid}}
+        created = await pc.create_vm(spec, uuid=vm_id)
+        if created.task_uuid:
+            await pc.wait_task(created.task_uuid, timeout=VM_TIMEOUT, poll=POLL)
+        return vm_id
+
+    async def attach_disks(self, vm_id: str, disks: Sequence[NewDisk]) -> None:
+        """PUT the VM with a disk per staged disk (`data_source_reference` to the VG's vmdisk
+        or the image), then wait for its task."""
+        pc = self.prism.pc
+        vm = await pc.get_vm(vm_id)
+        spec = copy.deepcopy(dict(vm.raw.get("spec") or {}))
+        disk_list = spec.setdefault("resources", {}).setdefault("disk_list", [])
+        for d in disks:
+            kind, _, ref = d.stage.source_id.partition(":")
+            item: dict[str, Any] = {
+                "device_properties": {"device_type": "DISK", "disk_address": {
+                    "adapter_type": d.bus.upper(), "device_index": d.index}},
+                "data_source_reference": {"kind": kind, "uuid": ref},
+                "disk_size_bytes": d.stage.size,
+            }
+            if d.container_uuid:
+                item["storage_config"] = {"storage_container_reference": {
+                    "kind": "storage_container", "uuid": d.container_uuid}}
+            disk_list.append(item)
+        task = await pc.update_vm(vm, spec)
+        if task:
+            await pc.wait_task(task, timeout=VM_TIMEOUT, poll=POLL)
+
+    async def power_on(self, vm_id: str) -> None:
+        task = await self.prism.pc.set_power(vm_id, on=True)
+        if task:
+            await self.prism.pc.wait_task(task, timeout=VM_TIMEOUT, poll=POLL)
+
     async def release(self, record: Record) -> None:
         try:
-            if record.kind == "vg_attachment":
+            if record.kind == "vm":
+                # GET first: a VM whose create was refused (403) is simply gone, even for a
+                # user who may not delete VMs
+                await self.prism.pc.get_vm(record.resource_id)
+                task = await self.prism.pc.delete_vm(record.resource_id)
+                if task:
+                    await self.prism.pc.wait_task(task, poll=POLL)
+            elif record.kind == "vg_attachment":
                 pe = await self.prism.pe(record.scope["cluster"])
                 await vgs.detach_initiator(pe, record.resource_id, record.scope["initiator"])
             elif record.kind == "volume_group":
@@ -228,6 +403,12 @@ class AhvHypervisor(Hypervisor):
         if cfg.prism_insecure:
             return False
         return str(cfg.prism_ca_cert) if cfg.prism_ca_cert else True
+
+    async def health_checks(self, *, timeout: float = 10.0) -> list[HealthCheck]:
+        """TLS, authentication, clusters, RBAC, DSIP and iSCSI (`.health`)."""
+        from .health import run_health_checks
+
+        return await run_health_checks(self, timeout=timeout)
 
     @asynccontextmanager
     async def connect(self) -> AsyncIterator[AhvSession]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "VolumeGroupInfo",
     "attach_initiator",
+    "create_empty_volume_group",
     "create_volume_group",
     "delete_volume_group",
     "detach_initiator",
@@ -35,6 +36,7 @@ class VolumeGroupInfo:
     iscsi_target: str
     disk_sizes: tuple[int, ...]  # by disk index
     attached: tuple[str, ...]  # initiator IQNs
+    disk_uuids: tuple[str, ...] = ()  # vmdisk uuids, by disk index
 
 
 def _parse(data: Any, endpoint: str) -> VolumeGroupInfo:
@@ -49,6 +51,7 @@ def _parse(data: Any, endpoint: str) -> VolumeGroupInfo:
         disk_sizes=tuple(int(d.get("vmdisk_size_bytes") or 0) for d in disks),
         attached=tuple(str(a.get("iscsi_initiator_name") or a.get("client_address"))
                        for a in data.get("attachment_list") or []),
+        disk_uuids=tuple(str(d.get("vmdisk_uuid") or "") for d in disks),
     )
 
 
@@ -60,6 +63,23 @@ async def create_volume_group(
         "uuid": uuid, "name": name, "description": description,
         "disk_list": [{"vmdisk_clone_spec": {"snapshot_file_path": snapshot_file_path}}],
     }
+    data = await pe.request_json("POST", V2, json=body, idempotent=True)
+    task = data.get("task_uuid") if isinstance(data, Mapping) else None
+    return str(task) if task else None
+
+
+async def create_empty_volume_group(
+    pe: PrismClient, *, uuid: str, name: str, container_uuid: str, size: int,
+    description: str = "",
+) -> str | None:
+    """Create the VG with one new, all-zero disk of `size` bytes in the container; returns
+    its task uuid. `size` in bytes beside `size_mb` is the simulator's choice (UNVERIFIED:
+    public usage shows only `size_mb`, which rounds up to whole MiB)."""
+    spec: dict[str, Any] = {"container_uuid": container_uuid, "size_mb": -(-size // (1 << 20))}
+    if size % (1 << 20):
+        spec["size"] = size
+    body = {"uuid": uuid, "name": name, "description": description,
+            "disk_list": [{"create_spec": spec}]}
     data = await pe.request_json("POST", V2, json=body, idempotent=True)
     task = data.get("task_uuid") if isinstance(data, Mapping) else None
     return str(task) if task else None

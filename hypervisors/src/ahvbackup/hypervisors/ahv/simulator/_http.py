@@ -56,17 +56,33 @@ async def run_blocking(request: Request, fn: Callable[..., T], *args: Any) -> T:
     )
 
 
+#: the Prism Central RBAC permission each change needs, as the 403 names it (the names follow
+#: PC's role editor; UNVERIFIED against a real PC's error text)
+_ENTITY_NAMES = {"vm": "Virtual_Machine", "image": "Image", "volume_group": "Volume_Group",
+                 "vm_snapshot": "Vm_Snapshot", "recovery_point": "Recovery_Point",
+                 "subnet": "Subnet", "cluster": "Cluster"}
+
+
+def permission_name(kind: str, verb: str) -> str:
+    """``Create_Virtual_Machine`` for (vm, create)."""
+    what = _ENTITY_NAMES.get(kind, kind.title().replace(" ", "_"))
+    return f"{verb.title()}_{what}"
+
+
 def guarded(kind: str, verb: str) -> Callable[[Handler], Handler]:
-    """Refuse the request with 403 unless the user's role may ``verb`` entities of ``kind``."""
+    """Refuse the request with 403 unless the user's role may ``verb`` entities of ``kind``;
+    the answer names the permission the role lacks."""
 
     def deco(fn: Handler) -> Handler:
         @functools.wraps(fn)
         async def wrapper(request: Request) -> Response:
             user = request.scope["sim.user"]
             if not user.role_def.allows(kind, verb):
+                permission = permission_name(kind, verb)
                 raise Forbidden(
-                    f"user {user.name!r} (role {user.role!r}) may not {verb} {kind} entities",
-                    kind=kind,
+                    f"user {user.name!r} (role {user.role!r}) may not {verb} {kind} entities: "
+                    f"the role lacks the permission {permission}",
+                    kind=kind, details={"permission": permission},
                 )
             return await fn(request)
 

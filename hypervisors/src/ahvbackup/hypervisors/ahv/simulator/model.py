@@ -72,6 +72,8 @@ class Subnet(_Record):
     name: str
     vlan_id: int
     cluster_uuid: str
+    #: the subnet's IPv4 network, ``10.10.0.0/24`` ("" when it has no IP management)
+    cidr: str = ""
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Vm(_Record):
     memory_mib: int = 1024
     power_state: str = "OFF"
     boot_type: str = "LEGACY"
+    machine_type: str = "PC"
     disks: list[Disk] = field(default_factory=list)
     nics: list[Nic] = field(default_factory=list)
     ngt_installed: bool = False

@@ -82,7 +82,8 @@ def seed_inventory(sim: Simulator, *, pe_count: int, with_vms: bool) -> None:
         sim.clusters[c.uuid] = c
         clusters.append(c)
         for name, vlan in (("vlan0", 0), ("backup-net", 100)):
-            s = Subnet(ids.uuid(), name if n == 0 else f"{name}-{n + 1}", vlan, c.uuid)
+            s = Subnet(ids.uuid(), name if n == 0 else f"{name}-{n + 1}", vlan, c.uuid,
+                       cidr=f"10.{vlan + 10 + n}.0.0/24")
             sim.subnets[s.uuid] = s
     if not with_vms:
         return

@@ -569,7 +569,30 @@ class Simulator:
                     for d in vm.data_disks:
                         if d.uuid == parts[3]:
                             return d.uuid, None
+                vgs = getattr(self, "volume_groups", None)  # made after the inventory loads
+                for vg in list(vgs.groups.values()) if vgs is not None else ():
+                    for vd in vg.disks:
+                        if vd.uuid == parts[3]:
+                            return vd.uuid, None
         raise EntityNotFound("file", path)
+
+    def vmdisk_size(self, vmdisk_uuid: str, *, cluster_uuid: str, where: str) -> int:
+        """The size of a vmdisk (a VM's or a volume group's disk) that a new disk of a VM on
+        `cluster_uuid` clones; one on another cluster (or none) is refused."""
+        with self._lock:
+            found = [(vm.cluster_uuid, d.size) for vm in self.vms.values()
+                     for d in vm.data_disks if d.uuid == vmdisk_uuid]
+            found += [(vg.cluster_uuid, vd.size) for vg in list(self.volume_groups.groups.values())
+                      for vd in vg.disks if vd.uuid == vmdisk_uuid]
+        if not found:
+            raise InvalidRequest(f"{where}.uuid: no vm_disk {vmdisk_uuid!r}", kind="vm",
+                                 details={"uuid": vmdisk_uuid})
+        cluster, size = found[0]
+        if cluster != cluster_uuid:
+            raise InvalidRequest(f"{where}.uuid: vm_disk {vmdisk_uuid!r} is on another cluster "
+                                 "(a disk clones only within its cluster)", kind="vm",
+                                 details={"uuid": vmdisk_uuid})
+        return size
 
     def changed_regions(
         self,

@@ -6,6 +6,7 @@ snapshot is not publicly documented; the simulator's choice (docs/volume-groups.
     "disk_list": [{"vmdisk_clone_spec": {"snapshot_file_path": "/ctr/.snapshot/..."}}]
     "disk_list": [{"vmdisk_clone_spec": {"vmdisk_uuid": "<live VM disk>"}}]
     "disk_list": [{"create_spec": {"container_uuid": "...", "size_mb": 1024}}]
+    "disk_list": [{"create_spec": {"container_uuid": "...", "size": 1073742336}}]  (bytes)
 
 A client may choose the VG's `uuid` in the create body, so it can record it before creating.
 """
@@ -62,6 +63,12 @@ def _disk_spec(n: int, item: Any) -> dict[str, Any]:
         return {"clone_from": source}
     create = item.get("create_spec")
     if isinstance(create, dict):
+        size = create.get("size")  # bytes (UNVERIFIED: public usage shows only size_mb)
+        if size is not None:
+            if not isinstance(size, int) or isinstance(size, bool) or size < 512 or size % 512:
+                raise InvalidRequest(f"{where}.create_spec.size: a positive multiple of 512 "
+                                     f"bytes is required (got {size!r})", kind=_KIND)
+            return {"size": size, "container_uuid": create.get("container_uuid")}
         size_mb = create.get("size_mb")
         if not isinstance(size_mb, int) or size_mb < 1:
             raise InvalidRequest(f"{where}.create_spec.size_mb: a positive integer is required "

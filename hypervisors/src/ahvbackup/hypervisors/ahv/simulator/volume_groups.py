@@ -188,7 +188,11 @@ class VolumeGroups:
     def _make_disk(self, cluster: Any, index: int, spec: dict[str, Any]) -> VgDisk:
         sim = self.sim
         disk_id = str(uuidlib.uuid4())
-        container = cluster.container(spec.get("container_uuid")).uuid
+        wanted = spec.get("container_uuid")
+        if wanted and all(c.uuid != wanted for c in cluster.containers):
+            raise InvalidRequest(f"disk_list[{index}]: cluster {cluster.name} has no container "
+                                 f"{wanted!r}", kind="volume_group")
+        container = cluster.container(wanted).uuid
         source = spec.get("clone_from")
         if source:
             path = source if "/" in source else f"/x/.acropolis/vmdisk/{source}"

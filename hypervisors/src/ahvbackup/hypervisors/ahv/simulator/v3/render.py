@@ -201,7 +201,7 @@ def _vm_resources(sim: Simulator, vm: Vm, *, status: bool) -> dict[str, Any]:
         "memory_size_mib": vm.memory_mib,
         "power_state": vm.power_state,
         "power_state_mechanism": {"mechanism": "HARD"},
-        "machine_type": "PC",
+        "machine_type": vm.machine_type,
         "hardware_clock_timezone": "UTC",
         "boot_config": {
             "boot_type": vm.boot_type,
@@ -348,7 +348,14 @@ def render_snapshot(sim: Simulator, snap: VmSnapshot) -> dict[str, Any]:
 
 def render_subnet(sim: Simulator, s: Subnet) -> dict[str, Any]:
     cluster = sim.clusters[s.cluster_uuid]
-    resources = {"subnet_type": "VLAN", "vlan_id": s.vlan_id, "vswitch_name": "br0"}
+    resources: dict[str, Any] = {"subnet_type": "VLAN", "vlan_id": s.vlan_id,
+                                 "vswitch_name": "br0"}
+    if s.cidr:
+        net, _, prefix = s.cidr.partition("/")
+        head = net.rsplit(".", 1)[0]
+        resources["ip_config"] = {"subnet_ip": net, "prefix_length": int(prefix),
+                                  "default_gateway_ip": f"{head}.1",
+                                  "pool_list": [{"range": f"{head}.10 {head}.250"}]}
     cref = _ref("cluster", cluster.uuid, cluster.name)
     return {
         "api_version": API_VERSION,

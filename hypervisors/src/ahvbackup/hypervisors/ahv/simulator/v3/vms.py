@@ -100,10 +100,18 @@ def _parse_vm(
             size = _int(d["disk_size_mib"], f"{where}.disk_size_mib") * _MiB
         source = d.get("data_source_reference") or {}
         image_uuid = None
-        if source:
+        source_path = None
+        if source and source.get("kind") == "vm_disk":
+            # a clone of a vmdisk: another VM's disk or a volume group's (a restore's staging)
+            if prev is None:
+                vmdisk = str(source.get("uuid"))
+                size = max(size or 0, sim.vmdisk_size(vmdisk, cluster_uuid=cluster_uuid,
+                                                      where=f"{where}.data_source_reference"))
+                source_path = f"/x/.acropolis/vmdisk/{vmdisk}"
+        elif source:
             if source.get("kind") != "image":
-                raise InvalidRequest(f"{where}.data_source_reference.kind: only 'image' is "
-                                     f"supported (got {source.get('kind')!r})", kind="vm")
+                raise InvalidRequest(f"{where}.data_source_reference.kind: 'image' or 'vm_disk' "
+                                     f"(got {source.get('kind')!r})", kind="vm")
             image_uuid = source.get("uuid")
             if prev is None:
                 image = sim.image(str(image_uuid))
@@ -120,6 +128,11 @@ def _parse_vm(
                 size = prev.size
             size = _int(size, f"{where}.disk_size_bytes", minimum=1)
         ctr = ((d.get("storage_config") or {}).get("storage_container_reference") or {})
+        if prev is None and ctr.get("uuid") and all(c.uuid != ctr["uuid"]
+                                                    for c in cluster.containers):
+            raise InvalidRequest(f"{where}.storage_config.storage_container_reference.uuid: "
+                                 f"cluster {cluster.name} has no container {ctr['uuid']!r}",
+                                 kind="vm")
         container_uuid = prev.container_uuid if prev else cluster.container(ctr.get("uuid")).uuid
         taken = used.setdefault(adapter, set())
         index = addr.get("device_index")
@@ -137,6 +150,7 @@ def _parse_vm(
             size=size or 0,
             container_uuid=container_uuid,
             source_image=prev.source_image if prev else image_uuid,
+            source_path=prev.source_path if prev else source_path,
         ))
     old_nics = {n.uuid: n for n in old.nics} if old else {}
     nics: list[Nic] = []
@@ -146,6 +160,10 @@ def _parse_vm(
             raise InvalidRequest(f"spec.resources.nic_list[{i}].subnet_reference.uuid: unknown "
                                  f"subnet {subnet_uuid!r}", kind="vm")
         prev_nic = old_nics.get(n.get("uuid", ""))
+        if prev_nic is None and sim.subnets[subnet_uuid].cluster_uuid != cluster_uuid:
+            raise InvalidRequest(f"spec.resources.nic_list[{i}].subnet_reference.uuid: subnet "
+                                 f"{sim.subnets[subnet_uuid].name!r} is not on cluster "
+                                 f"{cluster.name}", kind="vm")
         ips = n.get("ip_endpoint_list") or []
         nics.append(Nic(
             uuid=prev_nic.uuid if prev_nic else str(uuidlib.uuid4()),
@@ -164,6 +182,10 @@ def _parse_vm(
     else:
         installed = old.ngt_installed if old else enabled
     boot = (res.get("boot_config") or {}).get("boot_type", old.boot_type if old else "LEGACY")
+    machine = res.get("machine_type", old.machine_type if old else "PC")
+    if machine not in ("PC", "PSERIES", "Q35"):
+        raise InvalidRequest(f"spec.resources.machine_type: PC, PSERIES or Q35 (got "
+                             f"{machine!r})", kind="vm")
     return Vm(
         uuid=uuid,
         name=name,
@@ -176,6 +198,7 @@ def _parse_vm(
                         minimum=1),
         power_state=power,
         boot_type=boot,
+        machine_type=machine,
         disks=disks,
         nics=nics,
         ngt_installed=installed,
