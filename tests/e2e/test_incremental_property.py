@@ -73,7 +73,7 @@ def _apply(world: World, vm_uuid: str, ops: list[tuple[str, float, int, int]],
                 world.sim.trim_disk(vm_uuid, i, off, n)
 
 
-@settings(max_examples=3, deadline=None,
+@settings(max_examples=2, deadline=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(steps=st.lists(step, min_size=20, max_size=22), seed=st.integers(0, 2**32))
 def test_every_point_of_a_long_chain_restores(
