@@ -173,8 +173,17 @@ async def test_a_user_without_backup_permissions_is_named_one_by_one(hw: IWorld)
     assert "viewer" in failure["hint"]
 
 
-async def test_backup_admin_alone_cannot_restore_to_ahv(hw: IWorld) -> None:
+async def test_backup_admin_alone_is_ready_for_backups_but_not_restores_to_ahv(
+        hw: IWorld) -> None:
+    # backups and restores to files need no VM rights: a warning names what AHV would need
     code, report = await check_json(write_conf(hw, user="backup"))
+    assert code == 0
+    rbac = by_step(report)["rbac"]
+    assert rbac["status"] == "warn" and "target=ahv" in rbac["detail"]
+    missing = {p["permission"] for p in rbac["data"]["permissions"] if not p["granted"]}
+    assert missing == {"create vm", "update vm", "delete vm"}
+    # with target=ahv the same user is not ready
+    code, report = await check_json(write_conf(hw, user="backup"), "-o", "target=ahv")
     assert code == 3
     failure = only_failure(report)
     missing = {p["permission"] for p in failure["data"]["permissions"] if not p["granted"]}
