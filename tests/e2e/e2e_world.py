@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ahvbackup.core.config import Config, ConfigSources, ModeView, assemble_config
 from ahvbackup.core.plugins import Hooks
-from ahvbackup.hypervisors.ahv.simulator import Simulator
+from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 from ahvbackup.hypervisors.ahv.simulator.model import Disk, Vm
 
 MiB = 1 << 20
@@ -74,3 +77,39 @@ def same_as_sim(sim: Simulator, vm_uuid: str, index: int, path: Path) -> bool:
             if f.read(n) != sim.read_disk(vm_uuid, index, off, n):
                 return False
     return True
+
+
+@dataclass
+class IWorld(World):
+    """A world whose jobs know the port the simulator serves iSCSI on (a free one, so test
+    runs side by side do not collide on 3260)."""
+
+    iscsi_port: int = 3260
+
+    def overrides(self, **extra: Any) -> dict[str, str]:
+        return super().overrides(iscsi_port=self.iscsi_port, **extra)
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@asynccontextmanager
+async def iscsi_world(tmp_path: Path, *, iscsi: bool) -> AsyncIterator[IWorld]:
+    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
+    try:
+        async with serve_simulator(sim, port=0, tls=True, iscsi_port=0, iscsi=iscsi) as ep:
+            assert ep.ca_path is not None
+            if iscsi:
+                ((_host, port),) = set(ep.iscsi_portals.values())
+                assert {h for h, _ in ep.iscsi_portals.values()} == {
+                    c.dsip for c in sim.clusters.values()}
+            else:
+                assert ep.iscsi_portals == {}
+                port = _unused_port()
+            yield IWorld(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path,
+                         tmp=tmp_path, iscsi_port=port)
+    finally:
+        sim.close()

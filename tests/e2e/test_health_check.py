@@ -9,13 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from tests.e2e.test_iscsi_datapath import IWorld, _world
+from tests.e2e.e2e_world import IWorld
 
 from ahvbackup.core.config import ConfigSources, ModeView, assemble_config
 from ahvbackup.core.drivers import Hypervisor
@@ -28,18 +28,6 @@ BACKEND = Path(sys.executable).with_name("ahvbackup-bacula-backend")
 PRISM_STEPS = ["tls", "auth", "clusters", "rbac", "iscsi"]
 ALL_STEPS = [*PRISM_STEPS, "repository", "state_dir", "passfile"]
 USERS = {"admin": "nutanix/4u", "backup": "backup/4u", "viewer": "viewer/4u"}
-
-
-@pytest.fixture
-async def hw(tmp_path: Path) -> AsyncIterator[IWorld]:
-    async with _world(tmp_path, iscsi=True) as w:
-        yield w
-
-
-@pytest.fixture
-async def no_iscsi(tmp_path: Path) -> AsyncIterator[IWorld]:
-    async with _world(tmp_path, iscsi=False) as w:
-        yield w
 
 
 def write_conf(w: IWorld, *, user: str = "admin", password: str | None = None,
@@ -82,8 +70,8 @@ def only_failure(report: dict[str, Any]) -> dict[str, Any]:
     return failed[0]
 
 
-async def test_a_ready_setup_passes_all_six_steps(hw: IWorld) -> None:
-    conf = write_conf(hw)
+async def test_a_ready_setup_passes_all_six_steps(iworld: IWorld) -> None:
+    conf = write_conf(iworld)
     code, report = await check_json(conf)
     assert code == 0, report
     assert report["ready"] is True and report["exit_code"] == 0
@@ -93,21 +81,21 @@ async def test_a_ready_setup_passes_all_six_steps(hw: IWorld) -> None:
     steps = by_step(report)
     assert steps["tls"]["data"]["certificate"]["issuer"]
     assert steps["auth"]["data"]["user"] == "admin"
-    assert steps["clusters"]["data"]["selected"] == [c.name for c in hw.sim.clusters.values()]
+    assert steps["clusters"]["data"]["selected"] == [c.name for c in iworld.sim.clusters.values()]
     perms = steps["rbac"]["data"]["permissions"]
     assert perms and all(p["granted"] for p in perms)
     assert {"create vm_snapshot", "create volume_group", "create vm"} <= {
         p["permission"] for p in perms}
     portals = steps["iscsi"]["data"]["portals"]
     assert {p["portal"] for p in portals} == {
-        f"{c.dsip}:{hw.iscsi_port}" for c in hw.sim.clusters.values()}
+        f"{c.dsip}:{iworld.iscsi_port}" for c in iworld.sim.clusters.values()}
     assert all(p["send_targets"] == "answered" for p in portals)
     assert all(c["seconds"] >= 0 for c in report["checks"])
     timings = ", ".join(f"{c['step']}={c['seconds']:.3f}" for c in report["checks"])
     print(f"health-check against the simulator: {report['seconds']:.3f} s ({timings})")
     # nothing was created on the cluster, nothing left in the folders it probed
-    assert hw.sim.volume_groups.groups == {} and hw.sim.images == {}
-    assert not (hw.tmp / "repo").exists() or not list((hw.tmp / "repo").iterdir())
+    assert iworld.sim.volume_groups.groups == {} and iworld.sim.images == {}
+    assert not (iworld.tmp / "repo").exists() or not list((iworld.tmp / "repo").iterdir())
 
     text = await run(*CLI, "health-check", "-c", str(conf))
     assert text.returncode == 0
@@ -118,20 +106,20 @@ async def test_a_ready_setup_passes_all_six_steps(hw: IWorld) -> None:
 
 
 async def test_cluster_is_resolved_by_name_and_an_unknown_one_is_a_config_error(
-        hw: IWorld) -> None:
-    name = next(iter(hw.sim.clusters.values())).name
-    code, report = await check_json(write_conf(hw, cluster=name))
+        iworld: IWorld) -> None:
+    name = next(iter(iworld.sim.clusters.values())).name
+    code, report = await check_json(write_conf(iworld, cluster=name))
     assert code == 0 and by_step(report)["clusters"]["data"]["selected"] == [name]
-    code, report = await check_json(write_conf(hw, cluster="no-such-cluster"))
+    code, report = await check_json(write_conf(iworld, cluster="no-such-cluster"))
     assert code == 2
     failure = only_failure(report)
     assert failure["step"] == "clusters" and failure["exit_code"] == 2
     assert name in failure["hint"]
 
 
-async def test_bad_ca_fails_tls_with_the_certificate_details(hw: IWorld) -> None:
-    other = CertificateAuthority(hw.tmp / "other-ca")
-    conf = write_conf(hw, prism_ca_cert=other.ca_path)
+async def test_bad_ca_fails_tls_with_the_certificate_details(iworld: IWorld) -> None:
+    other = CertificateAuthority(iworld.tmp / "other-ca")
+    conf = write_conf(iworld, prism_ca_cert=other.ca_path)
     code, report = await check_json(conf)
     assert code == 3
     failure = only_failure(report)
@@ -148,8 +136,8 @@ async def test_bad_ca_fails_tls_with_the_certificate_details(hw: IWorld) -> None
     assert [steps[s]["status"] for s in ("repository", "state_dir", "passfile")] == ["ok"] * 3
 
 
-async def test_wrong_password_fails_authentication(hw: IWorld) -> None:
-    code, report = await check_json(write_conf(hw, password="not-the-password"))
+async def test_wrong_password_fails_authentication(iworld: IWorld) -> None:
+    code, report = await check_json(write_conf(iworld, password="not-the-password"))
     assert code == 3
     failure = only_failure(report)
     assert failure["step"] == "auth"
@@ -158,8 +146,8 @@ async def test_wrong_password_fails_authentication(hw: IWorld) -> None:
     assert "not-the-password" not in json.dumps(report)
 
 
-async def test_a_user_without_backup_permissions_is_named_one_by_one(hw: IWorld) -> None:
-    code, report = await check_json(write_conf(hw, user="viewer"))
+async def test_a_user_without_backup_permissions_is_named_one_by_one(iworld: IWorld) -> None:
+    code, report = await check_json(write_conf(iworld, user="viewer"))
     assert code == 3
     failure = only_failure(report)
     assert failure["step"] == "rbac" and failure["exit_code"] == 3
@@ -174,16 +162,16 @@ async def test_a_user_without_backup_permissions_is_named_one_by_one(hw: IWorld)
 
 
 async def test_backup_admin_alone_is_ready_for_backups_but_not_restores_to_ahv(
-        hw: IWorld) -> None:
+        iworld: IWorld) -> None:
     # backups and restores to files need no VM rights: a warning names what AHV would need
-    code, report = await check_json(write_conf(hw, user="backup"))
+    code, report = await check_json(write_conf(iworld, user="backup"))
     assert code == 0
     rbac = by_step(report)["rbac"]
     assert rbac["status"] == "warn" and "target=ahv" in rbac["detail"]
     missing = {p["permission"] for p in rbac["data"]["permissions"] if not p["granted"]}
     assert missing == {"create vm", "update vm", "delete vm"}
     # with target=ahv the same user is not ready
-    code, report = await check_json(write_conf(hw, user="backup"), "-o", "target=ahv")
+    code, report = await check_json(write_conf(iworld, user="backup"), "-o", "target=ahv")
     assert code == 3
     failure = only_failure(report)
     missing = {p["permission"] for p in failure["data"]["permissions"] if not p["granted"]}
@@ -191,24 +179,24 @@ async def test_backup_admin_alone_is_ready_for_backups_but_not_restores_to_ahv(
     assert "restore" in failure["hint"]
 
 
-async def test_dsip_down_fails_the_iscsi_probe(no_iscsi: IWorld) -> None:
-    code, report = await check_json(write_conf(no_iscsi))
+async def test_dsip_down_fails_the_iscsi_probe(rest_only_world: IWorld) -> None:
+    code, report = await check_json(write_conf(rest_only_world))
     assert code == 3
     failure = only_failure(report)
     assert failure["step"] == "iscsi" and failure["exit_code"] == 3
-    dsip = next(iter(no_iscsi.sim.clusters.values())).dsip
-    assert f"{dsip}:{no_iscsi.iscsi_port}" in failure["detail"]
+    dsip = next(iter(rest_only_world.sim.clusters.values())).dsip
+    assert f"{dsip}:{rest_only_world.iscsi_port}" in failure["detail"]
     assert "data_path=rest" in failure["hint"]
     # data_path=auto falls back to REST: a warning, and the host is ready
-    code, report = await check_json(write_conf(no_iscsi, data_path="auto"))
+    code, report = await check_json(write_conf(rest_only_world, data_path="auto"))
     assert code == 0 and by_step(report)["iscsi"]["status"] == "warn"
-    code, report = await check_json(write_conf(no_iscsi, data_path="rest"))
+    code, report = await check_json(write_conf(rest_only_world, data_path="rest"))
     assert code == 0 and by_step(report)["iscsi"]["status"] == "skip"
 
 
-async def test_a_repository_path_that_is_a_file_is_a_config_error(hw: IWorld) -> None:
-    (hw.tmp / "repo-file").write_text("not a folder")
-    code, report = await check_json(write_conf(hw, repository=hw.tmp / "repo-file"))
+async def test_a_repository_path_that_is_a_file_is_a_config_error(iworld: IWorld) -> None:
+    (iworld.tmp / "repo-file").write_text("not a folder")
+    code, report = await check_json(write_conf(iworld, repository=iworld.tmp / "repo-file"))
     assert code == 2
     failure = only_failure(report)
     assert failure["step"] == "repository" and failure["number"] == 6
@@ -230,8 +218,8 @@ def read_only_mount(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(where)], check=True)
 
 
-async def test_a_read_only_repository_is_refused(hw: IWorld, read_only_mount: Path) -> None:
-    code, report = await check_json(write_conf(hw, repository=read_only_mount))
+async def test_a_read_only_repository_is_refused(iworld: IWorld, read_only_mount: Path) -> None:
+    code, report = await check_json(write_conf(iworld, repository=read_only_mount))
     assert code == 3
     failure = only_failure(report)
     assert failure["step"] == "repository" and failure["exit_code"] == 3
@@ -239,9 +227,9 @@ async def test_a_read_only_repository_is_refused(hw: IWorld, read_only_mount: Pa
     assert "writable" in failure["hint"] and "repository=" in failure["hint"]
 
 
-async def test_a_passfile_open_to_others_is_refused(hw: IWorld) -> None:
-    conf = write_conf(hw)
-    (hw.tmp / "hc.conf.pass").chmod(0o644)
+async def test_a_passfile_open_to_others_is_refused(iworld: IWorld) -> None:
+    conf = write_conf(iworld)
+    (iworld.tmp / "hc.conf.pass").chmod(0o644)
     code, report = await check_json(conf)
     assert code == 2
     failure = only_failure(report)
@@ -252,9 +240,9 @@ async def test_a_passfile_open_to_others_is_refused(hw: IWorld) -> None:
     assert text.returncode == 2 and b"chmod 600" in text.stdout
 
 
-async def test_no_secret_in_the_output_at_verbose_3(hw: IWorld) -> None:
-    debug_log = hw.tmp / "debug.log"
-    conf = write_conf(hw, verbose=3, debug_log=debug_log)
+async def test_no_secret_in_the_output_at_verbose_3(iworld: IWorld) -> None:
+    debug_log = iworld.tmp / "debug.log"
+    conf = write_conf(iworld, verbose=3, debug_log=debug_log)
     proc = await run(*CLI, "-vvv", "health-check", "-c", str(conf))
     proc_json = await run(*CLI, "--json", "-vvv", "health-check", "-c", str(conf))
     backend = await run(str(BACKEND), "--standalone", "health-check", "-vvv", "--config",
@@ -267,20 +255,20 @@ async def test_no_secret_in_the_output_at_verbose_3(hw: IWorld) -> None:
     assert b"TRACE" in out or b"trace" in out.lower() or b"GET /users/me" in out
     secrets = [USERS["admin"].encode(),
                base64.b64encode(f"admin:{USERS['admin']}".encode()),
-               *(token.encode() for token in hw.sim.sessions._tokens)]
-    assert hw.sim.sessions._tokens, "the health-check logged in with a session cookie"
+               *(token.encode() for token in iworld.sim.sessions._tokens)]
+    assert iworld.sim.sessions._tokens, "the health-check logged in with a session cookie"
     for secret in secrets:
         assert secret not in out
 
 
-async def test_bacula_backend_standalone_health_check(hw: IWorld) -> None:
-    conf = write_conf(hw)
+async def test_bacula_backend_standalone_health_check(iworld: IWorld) -> None:
+    conf = write_conf(iworld)
     proc = await run(str(BACKEND), "--standalone", "health-check", "--config", str(conf),
                      "--json")
     assert proc.returncode == 0, proc.stderr.decode()
     report = json.loads(proc.stdout)
     assert report["ready"] and [c["step"] for c in report["checks"]] == ALL_STEPS
-    bad = write_conf(hw, password="wrong", name="bad.conf")
+    bad = write_conf(iworld, password="wrong", name="bad.conf")
     proc = await run(str(BACKEND), "--standalone", "health-check", "--config", str(bad))
     assert proc.returncode == 3
     assert b"NOT READY" in proc.stdout and b" auth " in proc.stdout
@@ -300,8 +288,8 @@ def test_a_hypervisor_driver_without_checks_says_so() -> None:
     assert check.status == SKIP and "no health checks" in check.detail
 
 
-async def test_tls_verification_off_is_a_warning(hw: IWorld) -> None:
-    code, report = await check_json(write_conf(hw, prism_insecure="yes"))
+async def test_tls_verification_off_is_a_warning(iworld: IWorld) -> None:
+    code, report = await check_json(write_conf(iworld, prism_insecure="yes"))
     assert code == 0 and report["ready"]
     tls = by_step(report)["tls"]
     assert tls["status"] == "warn" and "NOT verified" in tls["detail"]

@@ -4,81 +4,23 @@ iSCSI target on the cluster's DSIP, a free port (3260 on a real cluster)."""
 from __future__ import annotations
 
 import logging
-import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
-from tests.e2e.e2e_world import MiB, World, same_as_sim
+from tests.e2e.e2e_world import IWorld, MiB, World, same_as_sim
 
-from ahvbackup.core.config import Config, load_config
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, pick_backup
 from ahvbackup.core.jobs.runtime import Runtime
-from ahvbackup.hypervisors.ahv.driver import AhvKeys
 from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 from ahvbackup.hypervisors.ahv.simulator.volume_groups import VolumeGroups, volume_groups
 
 CLI = [sys.executable, "-m", "ahvbackup.core.cli"]
 AUTO_LOG = "ahvbackup.datapath.auto"
-
-
-@dataclass
-class IWorld(World):
-    """A world whose jobs know the port the simulator serves iSCSI on (a free one, so test
-    runs side by side do not collide on 3260)."""
-
-    iscsi_port: int = 3260
-
-    def overrides(self, **extra: Any) -> dict[str, str]:
-        return super().overrides(iscsi_port=self.iscsi_port, **extra)
-
-    def config(self, **extra: Any) -> Config:
-        return load_config(overrides=self.overrides(**extra),
-                           extra_fields=dict(AhvKeys().fields))
-
-
-def _unused_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@asynccontextmanager
-async def _world(tmp_path: Path, *, iscsi: bool) -> AsyncIterator[IWorld]:
-    sim = Simulator(tmp_path / "sim", seed=True, task_seconds=0.05, sync=False)
-    try:
-        async with serve_simulator(sim, port=0, tls=True, iscsi_port=0, iscsi=iscsi) as ep:
-            assert ep.ca_path is not None
-            if iscsi:
-                ((_host, port),) = set(ep.iscsi_portals.values())
-                assert {h for h, _ in ep.iscsi_portals.values()} == {
-                    c.dsip for c in sim.clusters.values()}
-            else:
-                assert ep.iscsi_portals == {}
-                port = _unused_port()
-            yield IWorld(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path,
-                         tmp=tmp_path, iscsi_port=port)
-    finally:
-        sim.close()
-
-
-@pytest.fixture
-async def iworld(tmp_path: Path) -> AsyncIterator[IWorld]:
-    async with _world(tmp_path, iscsi=True) as w:
-        yield w
-
-
-@pytest.fixture
-async def rest_only_world(tmp_path: Path) -> AsyncIterator[IWorld]:
-    async with _world(tmp_path, iscsi=False) as w:
-        yield w
 
 
 def _nothing_left(world: World, rt: Runtime) -> None:
