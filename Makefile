@@ -20,11 +20,14 @@ dev: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/ahvbackup demo
 
+# two workers: the suite mostly waits on real peers (daemons, sockets), so it halves on 2 cores
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
