@@ -367,7 +367,7 @@ class BackupJob:
         """The region map for `plan`; a reference the cluster no longer has turns it into a
         full (asked before any data moves, so the stream's kind is known up front)."""
         if plan.kind == "full":
-            return plan, _coalesce(session.regions(disk))
+            return plan, _coalesce(session.regions(disk), disk)
         it = aiter(session.regions(disk, reference=plan.reference_handle))
         try:
             first = await anext(it, None)
@@ -377,8 +377,8 @@ class BackupJob:
             why = (f"VM {vm.name} disk {disk.disk.label}: reference snapshot "
                    f"{plan.reference_snapshot_id} is gone on the cluster ({err}); "
                    "reading it in full")
-            return plan.full(why), _coalesce(session.regions(disk))
-        return plan, _coalesce(_prepend(first, it))
+            return plan.full(why), _coalesce(session.regions(disk), disk)
+        return plan, _coalesce(_prepend(first, it), disk)
 
     async def _disk(self, w: _VmWork, disk: DiskSnapshot, plan: DiskPlan,
                     dr: DiskResult) -> None:
@@ -572,12 +572,26 @@ async def _prepend(first: Region | None, rest: AsyncIterator[Region]) -> AsyncIt
             yield r
 
 
-async def _coalesce(regions: AsyncIterator[Region]) -> AsyncIterator[Region]:
-    """Merge touching regions of the same type (the read-ahead splits at chunk boundaries)."""
+async def _coalesce(regions: AsyncIterator[Region], disk: DiskSnapshot) -> AsyncIterator[Region]:
+    """Merge touching regions of the same type (the read-ahead splits at chunk boundaries).
+
+    The hypervisor's map is checked first: a region that goes backwards, overlaps, has a
+    negative extent or lies past the disk's end would store a disk with bytes missing or
+    misplaced, so it fails the disk, naming the region."""
     pending: Region | None = None
+    end = 0
     async for r in regions:
-        if r.length <= 0:
+        problem = ("has a negative offset or length" if r.offset < 0 or r.length < 0
+                   else f"starts before the previous region's end ({end})" if r.offset < end
+                   else f"ends past the disk's end ({disk.size})" if r.end > disk.size
+                   else "")
+        if problem:
+            raise HypervisorError(
+                f"disk {disk.disk.label}: the hypervisor's region map is wrong: region at "
+                f"{r.offset} (+{r.length}) {problem}; this disk cannot be backed up from it")
+        if r.length == 0:
             continue
+        end = r.end
         if pending is not None and pending.end == r.offset and pending.zero == r.zero:
             pending = Region(pending.offset, pending.length + r.length, r.zero)
             continue
