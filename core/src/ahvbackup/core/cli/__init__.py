@@ -94,9 +94,10 @@ def plugins(ctx: Context) -> None:
 from .consolidate import consolidate  # noqa: E402 - they need the group defined above
 from .health import health_check  # noqa: E402
 from .jobs import backup, list_backups  # noqa: E402
+from .report import report  # noqa: E402
 from .restore import restore, verify  # noqa: E402
 
-for _command in (backup, list_backups, restore, verify, consolidate, health_check):
+for _command in (backup, list_backups, restore, verify, consolidate, health_check, report):
     cli.add_command(_command)
 
 
