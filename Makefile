@@ -2,7 +2,7 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-AREAS  := core hypervisors transports targets bacula
+AREAS  := core hypervisors transports targets bacula metrics
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint typecheck dev clean

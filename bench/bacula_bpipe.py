@@ -10,12 +10,27 @@ for both (``wait`` polls, so they move in whole seconds: use a few GiB); `*_cata
 the catalog's whole-second job times instead. `reader_alone_*` is the same reader writing the
 stream to a file without Bacula (how the peer's stream was made).
 
+A second peer, `catdl`, is fair to ours where `cat` is not: this machine also runs the
+simulator, and every byte our reader gets costs the simulator CPU time (TLS and its disk
+store) on the same two cores, which on a real cluster is spent on the cluster. `catdl` ``cat``s
+the same stream while it downloads the disk's allocated ranges from the same simulator with
+``curl`` (over HTTPS, from an image of the same disk, four ranges at once), the least any
+reader of that disk must do; `ratio_vs_catdl` is its seconds over ours. It pays nothing for
+snapshots or staging (ours does), and nothing for encoding.
+
+The project's sources are byte-compiled first (`byte_compile`), as an installed package is
+(pip and Debian's py3compile compile at install time). A development tree under
+``PYTHONDONTWRITEBYTECODE=1`` has no ``.pyc`` files, and every reader (one Python process per
+job) would otherwise spend about a second of CPU compiling ahvbackup's modules, a cost no
+install pays.
+
     .venv/bin/python bench/bacula_bpipe.py [--gib 2] [--data-mib 512] [--runs 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -27,7 +42,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from _simproc import MiB, add_vm, serve
+from _simproc import MiB, Served, add_vm, serve
+
+from ahvbackup.hypervisors.ahv.simulator import Simulator
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests" / "bacula"), str(REPO)]
@@ -44,6 +61,38 @@ def write_config(path: Path, *, pc: str, ca: str, work: Path) -> Path:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write("".join(f'{k} = "{v}"\n' for k, v in keys.items()))
+    return path
+
+
+def byte_compile() -> None:
+    """Write the ``.pyc`` files of the project's packages, as an install does (``__pycache__``
+    is ignored by git; a module edited later is compiled again, as usual)."""
+    for src in sorted(REPO.glob("*/src")):
+        compileall.compile_dir(src, quiet=1)
+
+
+def add_image(state: Path, vm_name: str) -> str:
+    """An image of the VM's first disk (a copy-on-write clone), for the `catdl` peer."""
+    sim = Simulator(state, seed=True, sync=False)
+    try:
+        vm = sim.find_vm(vm_name)
+        image = sim.create_image(name="bench-peer", source_vmdisk=vm.data_disks[0].uuid)
+        sim.save()
+        return image.uuid
+    finally:
+        sim.close()
+
+
+def catdl_script(path: Path, *, served: Served, image: str, extents: list[tuple[int, int]],
+                 stream: Path) -> Path:
+    """The `catdl` peer's reader: `stream` to stdout while `extents` of the image are
+    downloaded (and dropped); it fails when a download fails."""
+    url = f"https://{served.pc}/api/nutanix/v3/images/{image}/file"
+    curls = "".join(
+        f"curl -sf --cacert {served.ca} -u backup:backup/4u -r {off}-{off + n - 1} "
+        f"-o /dev/null {url} & pids=\"$pids $!\"\n" for off, n in extents)
+    path.write_text(f"#!/bin/sh\npids=\"\"\n{curls}cat {stream} || exit 1\n"
+                    "for p in $pids; do wait $p || exit 1; done\n")
     return path
 
 
@@ -65,11 +114,13 @@ def main() -> None:
     missing = [p for p, path in programs.items() if not path]
     if missing:
         raise SystemExit(f"bacula programs missing: {', '.join(missing)}")
+    byte_compile()
     size = int(args.gib * 1024) * MiB
     extents = [(i * (size // 4), args.data_mib * MiB // 4) for i in range(4)]
     with tempfile.TemporaryDirectory(prefix="ahvbackup-bench-bacula-") as tmp:
         work = Path(tmp)
         add_vm(work / "sim", "bench-vm", size, extents)
+        image = add_image(work / "sim", "bench-vm")
         with serve(work / "sim") as served:
             conf = write_config(work / "ahvbackup.conf", pc=served.pc, ca=served.ca, work=work)
             reader = f"{AHVBACKUP} bpipe backup -c {conf} --vm bench-vm --disk scsi.0 --level full"
@@ -78,18 +129,21 @@ def main() -> None:
             with stream.open("wb") as out:
                 subprocess.run(reader.split(), stdout=out, stderr=subprocess.DEVNULL, check=True)
             reader_alone = time.perf_counter() - t0
+            peer = catdl_script(work / "catdl.sh", served=served, image=image,
+                                extents=extents, stream=stream)
             filesets = {
                 "ours": f"bpipe:/@ahvbackup/bench/bench-vm/disks/scsi.0.ahvd:{reader}:/bin/true",
                 "cat": f"bpipe:/@bench/premade.ahvd:/bin/cat {stream}:/bin/true",
+                "catdl": f"bpipe:/@bench/premade-dl.ahvd:/bin/sh {peer}:/bin/true",
             }
             lab = BaculaLab(root=work / "lab", programs={k: str(v) for k, v in programs.items()},
                             filesets=filesets)
-            walls: dict[str, list[float]] = {"ours": [], "cat": []}
-            cat_s: dict[str, list[float]] = {"ours": [], "cat": []}
+            walls: dict[str, list[float]] = {name: [] for name in filesets}
+            cat_s: dict[str, list[float]] = {name: [] for name in filesets}
             stored: dict[str, int] = {}
             with lab:
                 for _ in range(args.runs):
-                    for name in ("ours", "cat"):
+                    for name in filesets:
                         t0 = time.perf_counter()
                         job = lab.run_job(f"run job={name} level=Full yes", timeout=1800)
                         walls[name].append(time.perf_counter() - t0)
@@ -110,7 +164,9 @@ def main() -> None:
         "cat_wall_seconds": [round(x, 2) for x in walls["cat"]],
         "ours_wall_mb_s": round(stream_bytes / ours_wall / 1e6, 1),
         "cat_wall_mb_s": round(stream_bytes / cat_wall / 1e6, 1),
+        "catdl_wall_seconds": [round(x, 2) for x in walls["catdl"]],
         "ratio": round(cat_wall / ours_wall, 3),
+        "ratio_vs_catdl": round(statistics.median(walls["catdl"]) / ours_wall, 3),
         "reader_alone_seconds": round(reader_alone, 2),
         "reader_alone_mb_s": round(stream_bytes / reader_alone / 1e6, 1),
         "ours_catalog_mb_s": round(stream_bytes / statistics.median(cat_s["ours"]) / 1e6, 1),

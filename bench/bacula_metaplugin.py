@@ -11,7 +11,11 @@ image staging, ranged reads from the simulator (in its own process), encoding (t
 streamed to the file daemon as it is read, overlapping with Bacula's work; see sink.py) and
 the metaplugin's packet protocol. Job wall times include Bacula's fixed start and ``wait``
 overhead (~3 s), measured the same way for both; `*_catalog_mb_s` uses the catalog's
-whole-second job times instead.
+whole-second job times instead. `ratio_vs_catdl` compares with the fairer peer of
+bench/bacula_bpipe.py (``cat`` while downloading the disk's ranges from the same simulator,
+whose CPU time is spent on this machine's two cores). The project is byte-compiled first, as
+an install is (see bench/bacula_bpipe.py `byte_compile`): the backend is one Python process per
+job.
 
     .venv/bin/python bench/bacula_metaplugin.py [--gib 2] [--data-mib 512] [--runs 2]
 """
@@ -34,7 +38,7 @@ from _simproc import MiB, add_vm, serve
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "tests" / "bacula"), str(REPO)]
 import lab15  # noqa: E402 - the lab lives with the tests
-from bacula_bpipe import catalog_seconds  # noqa: E402
+from bacula_bpipe import add_image, byte_compile, catalog_seconds, catdl_script  # noqa: E402
 from lab import BaculaLab, JobResult  # noqa: E402
 
 AHVBACKUP = Path(sys.executable).with_name("ahvbackup")
@@ -86,11 +90,13 @@ def main() -> None:
     why = lab15._missing()
     if why:
         raise SystemExit(why)
+    byte_compile()
     size = int(args.gib * 1024) * MiB
     extents = [(i * (size // 4), args.data_mib * MiB // 4) for i in range(4)]
     with tempfile.TemporaryDirectory(prefix="ahvbackup-bench-bacula15-") as tmp:
         work = Path(tmp)
         add_vm(work / "sim", "bench-vm", size, extents)
+        image = add_image(work / "sim", "bench-vm")
         with serve(work / "sim") as served:
             conf = write_config(work / "ahvbackup.conf", pc=served.pc, ca=served.ca, work=work)
             # the peer's stream: the same disk's full stream, made by our bpipe reader
@@ -99,18 +105,21 @@ def main() -> None:
             stream = work / "premade.ahvd"
             with stream.open("wb") as f:
                 subprocess.run(reader, stdout=f, stderr=subprocess.DEVNULL, check=True)
+            peer = catdl_script(work / "catdl.sh", served=served, image=image,
+                                extents=extents, stream=stream)
             filesets: dict[str, str | list[str]] = {
                 "ours": "ahvbackup: vm=bench-vm",
                 "cat": f"bpipe:/@bench/premade.ahvd:/bin/cat {stream}:/bin/true",
+                "catdl": f"bpipe:/@bench/premade-dl.ahvd:/bin/sh {peer}:/bin/true",
             }
             lab = lab15.lab15(work / "lab", filesets=filesets, config=conf)
-            walls: dict[str, list[float]] = {"ours": [], "cat": []}
-            cat_s: dict[str, list[float]] = {"ours": [], "cat": []}
+            walls: dict[str, list[float]] = {name: [] for name in filesets}
+            cat_s: dict[str, list[float]] = {name: [] for name in filesets}
             stored: dict[str, int] = {}
             log_lines: list[str] = []
             with lab:
                 for _ in range(args.runs):
-                    for name in ("ours", "cat"):
+                    for name in filesets:
                         t0 = time.perf_counter()
                         if args.poll:
                             job = run_polled(lab, f"run job={name} level=Full yes")
@@ -139,7 +148,9 @@ def main() -> None:
         "cat_wall_seconds": [round(x, 2) for x in walls["cat"]],
         "ours_wall_mb_s": round(stream_bytes / ours_wall / 1e6, 1),
         "cat_wall_mb_s": round(stream_bytes / cat_wall / 1e6, 1),
+        "catdl_wall_seconds": [round(x, 2) for x in walls["catdl"]],
         "ratio": round(cat_wall / ours_wall, 3),
+        "ratio_vs_catdl": round(statistics.median(walls["catdl"]) / ours_wall, 3),
         "ours_catalog_mb_s": round(stream_bytes / statistics.median(cat_s["ours"]) / 1e6, 1),
         "cat_catalog_mb_s": round(stream_bytes / statistics.median(cat_s["cat"]) / 1e6, 1),
         "ours_job_log": log_lines,

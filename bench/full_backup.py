@@ -1,8 +1,10 @@
 """Full backup throughput over the REST data path, against a plain download of the same data.
 
 Both read the same allocated bytes of the same multi-GiB, partly sparse disk from the same
-simulator process in the same run: the peer is one streaming HTTP GET per data extent of an image
-of that disk (the fastest a client can pull those bytes from this Prism), discarded as it comes.
+simulator process in the same run: the peers are one streaming HTTP GET per data extent of an
+image of that disk, discarded as it comes (httpx), and `curl -o FILE` of the same ranges into
+files on the repository's filesystem, fsynced. Ours runs twice, with compression=none (the same
+work as the peers) and with the repository's default (compression=auto, zstd:1).
 Ours is the whole job: snapshot, image staging (the simulator copies the allocated data to make
 the image, as an image service would), ranged reads in flight, encoding and checksums, and
 writing the stream into the directory repository. `ratio` compares the whole job with the plain
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -25,8 +29,11 @@ import httpx
 from _simproc import MiB, add_vm, job_args, run_cli_measured, serve
 
 
-def plain_download(pc: str, ca: str, vm_uuid: str, extents: list[tuple[int, int]]) -> float:
-    """Seconds to stream the extents of an image of the VM's disk, after the image exists."""
+def plain_download(pc: str, ca: str, vm_uuid: str, extents: list[tuple[int, int]],
+                   work: Path) -> tuple[float, float]:
+    """Seconds to stream the extents of an image of the VM's disk, after the image exists:
+    discarded as they come (httpx), and with `curl -o FILE` into files on the same
+    filesystem as the repository, fsynced (as the repository's streams are)."""
     base = f"https://{pc}/api/nutanix/v3"
     auth = ("backup", "backup/4u")
     with httpx.Client(verify=ca, auth=auth, timeout=600) as c:
@@ -56,9 +63,21 @@ def plain_download(pc: str, ca: str, vm_uuid: str, extents: list[tuple[int, int]
                 for chunk in resp.iter_raw(1 << 20):
                     got += len(chunk)
         seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        for i, (off, length) in enumerate(extents):
+            out = work / f"curl-{i}.raw"
+            subprocess.run(["curl", "-sSf", "--cacert", ca, "-u", ":".join(auth),
+                            "-r", f"{off}-{off + length - 1}", "-o", str(out),
+                            f"{base}/images/{image}/file"], check=True)
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+            assert out.stat().st_size == length
+            out.unlink()
+        curl_seconds = time.perf_counter() - started
         c.delete(f"{base}/images/{image}")
     assert got == sum(n for _, n in extents), got
-    return seconds
+    return seconds, curl_seconds
 
 
 def main() -> None:
@@ -76,31 +95,49 @@ def main() -> None:
         work = Path(tmp)
         vm_uuid = add_vm(work / "sim", "bench-vm", size, extents)
         with serve(work / "sim") as served:
-            plain_s = plain_download(served.pc, served.ca, vm_uuid, extents)
-            result, rss_kib = run_cli_measured(
-                ["backup", *job_args(served, work, vm="bench-vm", chunk_size_mib=args.chunk_mib)]
-            )
-    ours_s = float(result["seconds"])  # type: ignore[arg-type]
-    read_s = sum(d["read_seconds"] for v in result["vms"] for d in v["disks"])  # type: ignore[attr-defined,index]
-    read = int(result["bytes_read"])  # type: ignore[call-overload]
-    assert read == data, (read, data)
+            plain_s, curl_s = plain_download(served.pc, served.ca, vm_uuid, extents, work)
+            runs = {}
+            for compression in ("none", "auto"):
+                runs[compression] = run_cli_measured(
+                    ["backup", *job_args(served, work, vm="bench-vm", level="full",
+                                         chunk_size_mib=args.chunk_mib,
+                                         compression=compression)])
+    by_compression = {}
+    for compression, (result, rss_kib) in runs.items():
+        by_compression[compression] = summary(result, rss_kib, data, plain_s, curl_s)
     out = {
         "disk_bytes": size,
         "data_bytes": data,
         "chunk_size_mib": args.chunk_mib,
-        "backup_seconds": round(ours_s, 3),
-        "backup_mb_s": round(data / ours_s / 1e6, 1),
-        "plain_download_seconds": round(plain_s, 3),
-        "plain_download_mb_s": round(data / plain_s / 1e6, 1),
-        "ratio": round(plain_s / ours_s, 3),
-        "backup_read_phase_seconds": round(read_s, 3),
-        "backup_read_phase_mb_s": round(data / read_s / 1e6, 1),
-        "read_phase_ratio": round(plain_s / read_s, 3),
-        "backup_peak_rss_mib": round(rss_kib / 1024, 1),
-        "bytes_stored": result["bytes_stored"],
+        "plain_download_discard_seconds": round(plain_s, 3),
+        "plain_download_discard_mb_s": round(data / plain_s / 1e6, 1),
+        "curl_o_file_seconds": round(curl_s, 3),
+        "curl_o_file_mb_s": round(data / curl_s / 1e6, 1),
+        "compression_none": by_compression["none"],  # the same work as the peers
+        "compression_default": by_compression["auto"],
         "bench_peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     print(json.dumps(out, indent=2))
+
+
+def summary(result: dict[str, object], rss_kib: int, data: int, plain_s: float,
+            curl_s: float) -> dict[str, object]:
+    ours_s = float(result["seconds"])  # type: ignore[arg-type]
+    read_s = sum(d["read_seconds"] for v in result["vms"] for d in v["disks"])  # type: ignore[attr-defined,index]
+    read = int(result["bytes_read"])  # type: ignore[call-overload]
+    assert read == data, (read, data)
+    return {
+        "backup_seconds": round(ours_s, 3),
+        "backup_mb_s": round(data / ours_s / 1e6, 1),
+        "ratio_vs_discard": round(plain_s / ours_s, 3),
+        "ratio_vs_curl_o_file": round(curl_s / ours_s, 3),
+        "backup_read_phase_seconds": round(read_s, 3),
+        "backup_read_phase_mb_s": round(data / read_s / 1e6, 1),
+        "read_phase_ratio_vs_discard": round(plain_s / read_s, 3),
+        "read_phase_ratio_vs_curl_o_file": round(curl_s / read_s, 3),
+        "backup_peak_rss_mib": round(rss_kib / 1024, 1),
+        "bytes_stored": result["bytes_stored"],
+    }
 
 
 if __name__ == "__main__":

@@ -155,15 +155,19 @@ async def test_full_incremental_differential_and_restores_byte_identical(
     assert_clean(bl, inc2)
     assert inc2.bytes < 2 * MiB, describe(bl, inc2)  # only the zeroed MiB since the Diff
 
-    # the newest point, link by link, oldest first, into one where
+    # the newest point in ONE restore job: bconsole's most recent selection (the Full, the
+    # Differential and the Incremental after it) holds every link, each backup's files being
+    # named apart; the backend applies them oldest to newest, each range once
     newest = tmp_path / "newest"
-    for job in (full, diff, inc2):
-        done = await restore(bl, job, newest)
-        assert_clean(bl, done)
-        assert done.files == 2, describe(bl, done)
-        assert "disk restored: " in lines(bl, done), lines(bl, done)
+    done = await in_thread(bl.run_job, f"restore client=lab-fd fileset=ahv-chain "
+                                       f"where={newest} select current all done yes")
+    assert_clean(bl, done)
+    assert done.files == 6, describe(bl, done)  # a disk and vm.json of each of the 3 jobs
+    ids = [json.loads(p.read_text())["backup_id"] for p in
+           sorted((newest / disk).glob("*/vm.json"), key=lambda p: p.parent.name)]
+    assert len(ids) == 3, ids
+    assert f"chain {'+'.join(ids)})" in lines(bl, done), lines(bl, done)
     assert same_as_sim(world.sim, vm.uuid, 0, newest / disk / "scsi.0.raw")
-    assert (newest / disk / "vm.json").exists()
 
     # the Full alone
     first = tmp_path / "full"
@@ -173,7 +177,7 @@ async def test_full_incremental_differential_and_restores_byte_identical(
     assert re.search(r"disk restored: \S+scsi\.0\.raw \(full", lines(bl, done)), lines(bl, done)
     files = bl.bconsole(f"list files jobid={full.job_id}")
     for name in ("disks/scsi.0.ahvd", "vm.json"):
-        assert f"/{disk}/{name}" in files, files
+        assert re.search(rf"/{disk}/[0-9TZ]+-[0-9a-f]+/{name}", files), files
     assert "| RestoreOptions | ahvbackup: vm=mc |" in bl.bconsole(
         f"list restoreobjects jobid={full.job_id}")
 
@@ -193,6 +197,12 @@ def catalog_sizes(lab: BaculaLab, job: JobResult) -> dict[str, int]:
         assert m, out
         sizes[name] = int(m.group(1))
     return sizes
+
+
+def backup_folder(vm_folder: Path) -> Path:
+    """The one backup's folder (``<backup id>/``) under a VM's restored folder."""
+    (vm_json,) = vm_folder.glob("*/vm.json")
+    return vm_json.parent
 
 
 def streams_of(vm_json: Path) -> dict[str, int]:
@@ -222,17 +232,20 @@ async def test_a_disk_is_streamed_while_it_is_read_and_restores_byte_identical(
     assert "spooling to" not in (world.tmp / "backend.log").read_text()  # no disk waited
     assert blocker.is_file()
 
+    configure(config, world)  # a restore spools what it receives under working_dir
     first = tmp_path / "full"
     done = await restore(bl, full, first)
     assert_clean(bl, done)
     disk = first / root.lstrip("/")
-    streams = streams_of(disk / "vm.json")
+    here = backup_folder(disk)
+    streams = streams_of(here / "vm.json")
     sizes = catalog_sizes(bl, full)
+    root = f"{root}/{here.name}"
     # longer than the lookahead: streamed, size unknown; the small one: its exact size
     assert sizes[f"{root}/disks/scsi.0.ahvd"] == UNKNOWN_SIZE, sizes
     assert sizes[f"{root}/disks/scsi.2.ahvd"] == UNKNOWN_SIZE, sizes
     assert sizes[f"{root}/disks/scsi.1.ahvd"] == streams["scsi.1"], (sizes, streams)
-    assert sizes[f"{root}/vm.json"] == (disk / "vm.json").stat().st_size, sizes
+    assert sizes[f"{root}/vm.json"] == (here / "vm.json").stat().st_size, sizes
     # every byte is in the job: the streams, vm.json and the plugin's restore options
     assert sum(streams.values()) + sizes[f"{root}/vm.json"] <= full.bytes, describe(bl, full)
     assert full.bytes < sum(streams.values()) + sizes[f"{root}/vm.json"] + 4096
@@ -242,8 +255,10 @@ async def test_a_disk_is_streamed_while_it_is_read_and_restores_byte_identical(
     world.sim.write_disk(vm.uuid, 2, 4 * MiB, os.urandom(2 * LOOKAHEAD))
     inc = await in_thread(bl.run_job, "run job=ahv-streamed level=Incremental yes")
     assert_clean(bl, inc)
-    assert catalog_sizes(bl, inc)[f"{root}/disks/scsi.2.ahvd"] == UNKNOWN_SIZE
-    done = await restore(bl, inc, first)  # the chain, link by link, into the same where
+    inc_sizes = catalog_sizes(bl, inc)
+    assert [v for k, v in inc_sizes.items() if k.endswith("/disks/scsi.2.ahvd")] == \
+        [UNKNOWN_SIZE], inc_sizes
+    done = await restore(bl, inc, first)  # link by link into the same where, as before
     assert_clean(bl, done)
     for i in range(3):
         assert same_as_sim(world.sim, vm.uuid, i, disk / f"scsi.{i}.raw"), i
@@ -269,8 +284,10 @@ async def test_disks_read_while_another_is_sent_are_spooled_and_restore_byte_ide
     done = await restore(bl, full, where)
     assert_clean(bl, done)
     disk = where / root.lstrip("/")
-    streams = streams_of(disk / "vm.json")
+    here = backup_folder(disk)
+    streams = streams_of(here / "vm.json")
     sizes = catalog_sizes(bl, full)
+    root = f"{root}/{here.name}"
     for i in range(3):
         assert sizes[f"{root}/disks/scsi.{i}.ahvd"] in (streams[f"scsi.{i}"], UNKNOWN_SIZE)
         assert same_as_sim(world.sim, vm.uuid, i, disk / f"scsi.{i}.raw"), i
@@ -312,13 +329,14 @@ async def test_a_disk_that_fails_while_it_is_streamed_fails_its_vm_alone(
     text = lines(bl, job)
     assert job.status == "T" and job.errors > 0, describe(bl, job)
     assert "Backend reported error" not in text and "Protocol error" not in text, text
-    assert re.search(r"Warning: ahvbackup: \S+/mfa/disks/scsi\.0\.ahvd: the disk stream "
+    assert re.search(r"Warning: ahvbackup: \S+/mfa/\S+/disks/scsi\.0\.ahvd: the disk stream "
                      r"stopped after \d+ bytes were sent \(its reading failed or was "
                      r"cancelled\); that file of this job is incomplete", text), text
     assert re.search(r"Error: ahvbackup: VM mfa: backup failed", text), text
     assert "VM backed up: vm=mfb" in text and "VM backed up: vm=mfa" not in text, text
     files = bl.bconsole(f"list files jobid={job.job_id}")
-    assert "/mfa/disks/scsi.0.ahvd" in files and "/mfa/vm.json" not in files, files
+    assert re.search(r"/mfa/\S+/disks/scsi\.0\.ahvd", files), files
+    assert not re.search(r"/mfa/\S+/vm\.json", files), files
 
     where = tmp_path / "restored"
     done = await restore(bl, job, where)

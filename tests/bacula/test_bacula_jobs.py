@@ -60,14 +60,16 @@ async def test_backup_then_restore_through_the_protocol_is_byte_identical(
         return files, answers, backup_messages + restore_messages
 
     files, answers, messages = await trio.to_thread.run_sync(scenario)
-    # disks in the order they were read (concurrently), vm.json last: the VM is complete
-    assert sorted(f.fname for f in files[:2]) == [f"{root}/disks/scsi.0.ahvd",
-                                                  f"{root}/disks/scsi.1.ahvd"]
-    assert files[2].fname == f"{root}/vm.json"
+    manifest = json.loads(files[-1].data or b"")
+    # each backup's files under its own folder; disks in the order they were read
+    # (concurrently), vm.json last: the VM is complete
+    here = f"{root}/{manifest['backup_id']}"
+    assert sorted(f.fname for f in files[:2]) == [f"{here}/disks/scsi.0.ahvd",
+                                                  f"{here}/disks/scsi.1.ahvd"]
+    assert files[2].fname == f"{here}/vm.json"
     for f in files:
         assert f.error is None
         assert f.stat.split()[:2] == ["F", str(len(f.data or b""))], f.fname  # exact size
-    manifest = json.loads(files[-1].data or b"")
     assert manifest["vm"]["uuid"] == vm.uuid
     assert [d["label"] for d in manifest["disks"]] == ["scsi.0", "scsi.1"]
     assert any(m.startswith("VM backed up: vm=bvm") for m in messages), messages
@@ -75,7 +77,7 @@ async def test_backup_then_restore_through_the_protocol_is_byte_identical(
     for i in range(2):
         image = where / root.lstrip("/") / f"scsi.{i}.raw"
         assert same_as_sim(world.sim, vm.uuid, i, image), image
-    assert json.loads((where / root.lstrip("/") / "vm.json").read_text()) == manifest
+    assert json.loads((where / here.lstrip("/") / "vm.json").read_text()) == manifest
     # only the snapshot kept as the next incremental's reference stays on the cluster
     assert list(world.sim.snapshots) == [manifest["snapshot"]["id"]]
     assert world.sim.images == {}
@@ -221,19 +223,22 @@ async def test_full_then_incremental_restore_both_points_byte_identical(
         assert same_as_sim(world.sim, vm.uuid, i, at2 / root / f"scsi.{i}.raw")
     assert any("(incremental" in m for m in said), said
 
-    def lone() -> tuple[str, str]:  # the incremental alone, as bconsole's "most recent" would
+    def lone() -> tuple[str, list[str]]:  # the incremental alone, into an empty where
         at3 = tmp_path / "at3"
         r = opened(spawn, params, kind="R", where=str(at3))
         r.start("RestoreStart")
         answer = r.restore(f"{at3}{inc_disk0.fname}", inc_disk0.data)
         r.command("FINISH")
         r.expect_ack()
+        said = [f"{p.kind} {p.text}" for p in r.messages]
         assert r.end() == 0
-        return answer.kind, answer.text
+        return answer.text, said
 
-    kind, text = await trio.to_thread.run_sync(lone)
-    assert kind == "E"
-    assert "has no restored full to apply it to" in text
+    answer, said = await trio.to_thread.run_sync(lone)
+    assert answer == "OK"  # received whole; applied (and refused) once every file is in
+    assert any(m.startswith("Q ") and "has no restored full to apply it to" in m
+               for m in said), said
+    assert not list((tmp_path / "at3").rglob("*.raw"))
 
 
 async def test_listing_shows_clusters_then_their_vms(world: World, spawn: Spawn,
@@ -285,27 +290,27 @@ async def test_restore_refuses_an_fname_that_climbs_out_of_where(
     assert list(tmp_path.rglob("*.raw")) == []
 
 
-async def test_restore_disks_only_by_position_is_refused_in_a_bacula_restore(
+async def test_restore_disks_only_by_position_picks_the_disk_from_vm_json(
         world: World, spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
-    world.add_vm("pvm", [(2 * MiB, [(0, MiB)])])
+    vm = world.add_vm("pvm", [(2 * MiB, [(0, MiB)]), (2 * MiB, [(MiB, MiB)])])
     params = prism_params(world, base_params, vm="pvm")
     where = tmp_path / "restore"
 
-    def scenario() -> tuple[str, list[str]]:
+    def scenario() -> list[str]:
         b = opened(spawn, params)
         b.start("BackupStart")
-        disk = b.files(data=True)[0]
+        files = b.files(data=True)
         assert b.end() == 0
-        r = opened(spawn, [*params, "restore_disks_only=disk-0"], kind="R", where=str(where))
+        r = opened(spawn, [*params, "restore_disks_only=disk-1"], kind="R", where=str(where))
         r.start("RestoreStart")
-        answer = r.restore(f"{where}{disk.fname}", disk.data).text
+        answers = [r.restore(f"{where}{f.fname}", f.data).text for f in files]
         r.command("FINISH")
         r.expect_ack()
         assert r.end() == 0
-        return answer, [m.text for m in r.messages]
+        return answers
 
-    answer, said = await trio.to_thread.run_sync(scenario)
-    assert answer == "SKIP"
-    assert any("restore_disks_only: disk-0: a Bacula restore selects disks by label" in m
-               for m in said), said
-    assert list(where.rglob("*.raw")) == []
+    answers = await trio.to_thread.run_sync(scenario)
+    assert answers == ["OK", "OK", "OK"]  # disk-N is the Nth disk of vm.json, known at FINISH
+    images = list(where.rglob("*.raw"))
+    assert [p.name for p in images] == ["scsi.1.raw"]
+    assert same_as_sim(world.sim, vm.uuid, 1, images[0])

@@ -123,7 +123,7 @@ async def test_a_long_stream_is_sent_as_read_with_unknown_size_and_no_spool(
     w = await s.begin(VM, backup_id="b1", level="full")
     assert await w.write_disk("scsi.0", reusing(data)) == len(data)
     (sent,) = emitter.files
-    assert (sent.fname, sent.size, sent.ended) == ("/@ahvbackup/cl/vm1/disks/scsi.0.ahvd",
+    assert (sent.fname, sent.size, sent.ended) == ("/@ahvbackup/cl/vm1/b1/disks/scsi.0.ahvd",
                                                    UNKNOWN_SIZE, True)
     assert sent.data == data
     assert not s.spool_root.exists()  # nothing was spooled, not even a folder

@@ -264,12 +264,13 @@ async def test_mode_restore_in_a_plugin_string_restores_through_the_backend(
     assert len(images) == 1 and same_as_sim(world.sim, vm.uuid, 0, images[0])
 
 
-def test_a_key_not_done_yet_fails_a_bacula_job_before_anything_is_touched(
+def test_vm_keys_for_a_file_target_fail_a_bacula_job_before_anything_is_touched(
         spawn: Spawn, base_params: list[str], tmp_path: Path) -> None:
     b = spawn()
     b.hello()
     b.job(**job_fields("R", where=str(tmp_path / "w")))
-    answer = b.params([*base_params, "mode=restore", "target_cluster=dr-01", "power_on=yes"])
+    answer = b.params([*base_params, "mode=restore", "target=raw", "target_cluster=dr-01",
+                       "power_on=yes"])
     assert answer.kind == "E"
     assert answer.text.split("; ") == [  # a job log message is one line
         "plugin string: target_cluster: shapes the VM a restore creates on a cluster "

@@ -129,9 +129,8 @@ def test_restore_with_mode_backup_names_both(tmp_path: Path) -> None:
                     "restore, which runs restore")
 
 
-@pytest.mark.parametrize("mode", ["receiver", "seed", "bitmap-push", "failover-test",
-                                  "failover-planned", "failover-unplanned", "failover-undo",
-                                  "failover-perm"])
+@pytest.mark.parametrize("mode", ["failover-test", "failover-planned", "failover-unplanned",
+                                  "failover-undo", "failover-perm"])
 def test_dr_modes_are_refused_by_name(mode: str, tmp_path: Path) -> None:
     line = refused(cli("backup", "-o", f"mode={mode}", "-o", "prism_central=127.0.0.1:1",
                        "-o", "user=u", "-o", "password=p", tmp_path=tmp_path))

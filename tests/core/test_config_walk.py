@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from typing import Any
 
 import pytest
 import trio
+from tests.core.dr.walk_evidence import DR_EVIDENCE
+from tests.core.tenant_walk_evidence import TENANT_EVIDENCE
 from tests.e2e.e2e_world import MiB, World
 
 from ahvbackup.core import hookimpl
@@ -264,8 +267,9 @@ async def mode(w: Walk) -> None:
     assert not list((w.world.tmp / "repo").rglob("manifest.json"))
     real = await w.works(vm="walk-b", mode="backup")
     assert real.vms[0].bytes_stored > 0
-    with pytest.raises(ConfigError, match=r"mode: seed .*this version does not do that yet"):
-        w.config(mode="seed")
+    with pytest.raises(ConfigError,
+                       match=r"mode: failover-test .*this version does not do that yet"):
+        w.config(mode="failover-test")
 
 
 async def restore_place(w: Walk, tmp: Path) -> None:
@@ -287,6 +291,42 @@ async def logging_keys(w: Walk, tmp: Path) -> None:
     assert quiet.stderr == ""
     assert "DEBUG" in loud.stderr or "debug" in loud.stderr.lower(), loud.stderr[:500]
     assert log.stat().st_size > 0 and log.stat().st_mode & 0o077 == 0
+
+
+async def log_format(w: Walk, tmp: Path) -> None:
+    from ahvbackup.core.cli.options import load_job_config
+    from ahvbackup.core.log import reset_logging
+
+    text, lines = tmp / "text.log", tmp / "json.log"
+    for log, fmt in ((text, "text"), (lines, "json")):  # set up as the CLI does, in-process
+        keys = w.keys(vm="walk-b", debug_log=log, log_format=fmt)
+        cfg = load_job_config(configs=(), sets=[f"{k}={v}" for k, v in keys.items()],
+                              plugin_string=None, hooks=Hooks(), stderr=False, view=BACKUP)
+        try:
+            assert (await BackupJob(Runtime.from_config(cfg)).run()).ok
+        finally:
+            reset_logging()
+    assert " INFO ahvbackup." in text.read_text()
+    records = [json.loads(line) for line in lines.read_text().splitlines()]
+    assert any(r["vm"] == "walk-b" and r["job"] for r in records), records
+
+
+async def metrics_textfile(w: Walk, tmp: Path) -> None:
+    await w.works(vm="walk-b")
+    assert not list(tmp.iterdir())
+    await w.works(vm="walk-b", metrics_textfile=tmp / "a.prom")
+    assert 'ahvbackup_vm_last_success_timestamp_seconds{tenant="",vm="walk-b"}' in \
+        (tmp / "a.prom").read_text()
+
+
+async def metrics_pushgateway(w: Walk, tmp: Path) -> None:
+    from tests.metrics.peers import get, pushgateway  # a real Pushgateway
+
+    pushed = re.compile(r'ahvbackup_job_duration_seconds\{[^}]*job="ahvbackup"')
+    with pushgateway(tmp) as pg:
+        assert not pushed.search(get(f"http://{pg}/metrics").decode())
+        await w.works(vm="walk-b", metrics_pushgateway=pg)
+        assert pushed.search(get(f"http://{pg}/metrics").decode())
 
 
 async def places(w: Walk, tmp: Path) -> None:
@@ -334,8 +374,11 @@ async def drivers(w: Walk) -> None:
         refuse_hosted_sink(w.config(sink="bacula"))
     assert type(Runtime.from_config(w.config(target="raw")).target()).name == "raw"
     assert type(Runtime.from_config(w.config(target="ahv")).target()).name == "ahv"
-    with pytest.raises(ConfigError, match=r"target=qcow2: .*this version does not do that yet"):
-        w.config(target="qcow2")
+    assert type(Runtime.from_config(w.config(target="qcow2")).target()).name == "qcow2"
+    # a target's own key with another target chosen would do nothing: refused, not ignored
+    with pytest.raises(ConfigError, match=r"qcow2_compression: a key of the qcow2 target, but "
+                                          r"target=raw: it would do nothing"):
+        w.config(target="raw", qcow2_compression="zstd")
 
 
 async def trust_sample(w: Walk) -> None:
@@ -411,9 +454,41 @@ async def restore_to_ahv(w: Walk) -> None:
 
 
 async def api_version(w: Walk) -> None:
+    sim = w.world.sim
     await w.works(vm="walk-b", prism_api_version="v3")
-    with pytest.raises(ConfigError, match=r"prism_api_version=v4: .*does not do that yet"):
-        w.config(prism_api_version="v4")
+    assert not sim.recovery_points.points
+    await w.works(vm="walk-b", prism_api_version="v4", data_path="iscsi")
+    assert sim.recovery_points.points  # v4 takes recovery points
+    sim.v4 = False
+    assert "serves no v4 API" in await w.fails(vm="walk-b", prism_api_version="v4")
+    sim.v4 = True
+
+
+async def stream_codec_keys(w: Walk, tmp: Path) -> None:
+    """compression shrinks what is stored; encryption_key makes streams that only its key
+    opens, and encryption_old_keys keeps them open after a rotation."""
+    from ahvbackup.core.jobs.restore import RestoreJob, pick_backup
+
+    sim = w.world.sim
+    line = b"walk the key table\n"
+    sim.write_disk(sim.find_vm("walk-b").uuid, 0, 0, line * (MiB // 19) + b"\n" * (MiB % 19))
+    plain = await w.works(vm="walk-b", compression="none")
+    packed = await w.works(vm="walk-b", compression="zstd:3")
+    assert packed.vms[0].disks[0].bytes_stored * 10 < plain.vms[0].disks[0].bytes_stored
+    old, new = tmp / "old.key", tmp / "new.key"
+    for path in (old, new):
+        path.write_text(os.urandom(32).hex())
+        path.chmod(0o600)
+    await w.works(vm="walk-b", encryption_key=old)
+
+    async def restore(**keys: Any) -> str:
+        rt = Runtime.from_config(w.config(**keys))
+        backup = await pick_backup(rt, vm="walk-b", backup_id=None)
+        out = await RestoreJob(rt, backup, dest=tmp / f"r{len(keys)}").run()
+        return "ok" if out.ok else out.disks[0].error or "failed"
+
+    assert "encrypted with key id" in await restore(encryption_key=new)
+    assert await restore(encryption_key=new, encryption_old_keys=old) == "ok"
 
 
 Evidence = Callable[..., Awaitable[None]]
@@ -450,6 +525,9 @@ EVIDENCE: dict[str, Evidence] = {
     "memory_mib": restore_to_ahv,
     "verbose": logging_keys,
     "debug_log": logging_keys,
+    "log_format": log_format,
+    "metrics_textfile": metrics_textfile,
+    "metrics_pushgateway": metrics_pushgateway,
     "working_dir": places,
     "repository": places,
     "state_dir": level_and_state,
@@ -461,6 +539,11 @@ EVIDENCE: dict[str, Evidence] = {
     "verify_unchanged_sample": trust_sample,
     "keep_fulls": retention_keys,
     "keep_days": retention_keys,
+    "compression": stream_codec_keys,
+    "encryption_key": stream_codec_keys,
+    "encryption_old_keys": stream_codec_keys,
+    **DR_EVIDENCE,
+    **TENANT_EVIDENCE,
 }
 
 
@@ -531,13 +614,14 @@ def test_refused_keys_name_their_issue_in_the_docs() -> None:
 
 
 def test_cli_refuses_a_refused_key_with_exit_2(tmp_path: Path) -> None:
-    done = subprocess.run([*CLI, "restore", "--vm", "x", "-o", "dr_port=9000", "-o",
-                           "dr_host=dr-01", "-o", f"repository={tmp_path}"],
+    done = subprocess.run([*CLI, "restore", "--vm", "x", "-o", "metrics_port=9000", "-o",
+                           "push_apply_remote=no", "-o", f"repository={tmp_path}"],
                           capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [
-        "ahvbackup: error: command line: dr_host: the DR receiver's host (DR replication): "
-        "this version does not do that yet",
-        "command line: dr_port: the DR receiver's port (DR replication): this version does "
-        "not do that yet",
+        "ahvbackup: error: command line: push_apply_remote=False: keeping DR deltas "
+        "unapplied until a failover (push_apply_remote=no; DR replication): this version "
+        "does not do that yet",
+        "command line: metrics_port: the DR receiver's /metrics port (DR replication): this "
+        "version does not do that yet",
     ]

@@ -1,4 +1,5 @@
-"""docs/plugins.md states the restore-target contract exactly as the code's docstrings do."""
+"""docs/plugins.md states the restore-target and DR-transport contracts exactly as the code's
+docstrings do."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "plugins.md"
 #: the contract a restore target implements, in the order a reader meets it
 RESTORE_CONTRACT = (drivers.RestoreTarget, drivers.RestoreRequest, drivers.ClusterAccess,
                     drivers.VmRestore, drivers.DiskWriter)
+#: the contract a DR transport implements
+DR_CONTRACT = (drivers.DrTransport,)
 
 
 def _line(text: str | None) -> str:
@@ -40,3 +43,9 @@ def test_the_restore_target_contract_is_documented_as_coded() -> None:
     assert contract_text() in DOC.read_text(), (
         "docs/plugins.md's restore-target reference differs from the code; regenerate it with "
         "tests/core/test_contract_docs.py:contract_text()")
+
+
+def test_the_dr_transport_contract_is_documented_as_coded() -> None:
+    assert contract_text(DR_CONTRACT) in DOC.read_text(), (
+        "docs/plugins.md's DR-transport reference differs from the code; regenerate it with "
+        "tests/core/test_contract_docs.py:contract_text(DR_CONTRACT)")

@@ -220,7 +220,8 @@ def test_key_messages() -> None:
     assert log.backup_complete("my vm", 2, 4096, 1024) == (
         'VM backed up: vm="my vm" disks=2 bytes=1024 bytes_read=4096'
     )
-    assert log.dr_cycle_complete("db", 7, 123) == "DR cycle pushed: vm=db cycle=7 bytes_pushed=123"
+    assert log.dr_cycle_complete("db", 7, 123, reconnects=1, lag=4.25) == (
+        "DR cycle complete: vm=db point=7 bytes_pushed=123 reconnects=1 lag_seconds=4.2")
 
 
 def test_key_messages_are_documented() -> None:

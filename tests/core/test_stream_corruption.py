@@ -191,13 +191,13 @@ def test_something_else_is_not_taken_for_a_stream(start: bytes) -> None:
 
 def test_a_newer_major_version_is_refused_clearly() -> None:
     bad = bytearray(RAW)
-    struct.pack_into("<HH", bad, 8, 2, 0)
+    struct.pack_into("<HH", bad, 8, 3, 0)
     meta_len = struct.unpack_from("<I", bad, 12)[0]
     struct.pack_into(
         "<Q", bad, 16 + meta_len, xxhash.xxh3_64_intdigest(bytes(bad[: 16 + meta_len]))
     )
     msg = read_all(bytes(bad))
-    assert "stream format version 2.0 is newer than this reader (understands 1.x)" in msg
+    assert "stream format version 3.0 is newer than this reader (understands 2.x)" in msg
 
 
 @pytest.mark.parametrize(

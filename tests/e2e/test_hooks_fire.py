@@ -17,9 +17,13 @@ from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, pick_backup
 from ahvbackup.core.jobs.runtime import Runtime
 from ahvbackup.core.plugins import Hooks
+from ahvbackup.hypervisors.ahv.client import http as prism_http
+from ahvbackup.transports.iscsi import initiator as iscsi_initiator
 
 CORE = Path(hookspecs.__file__).parent
-SOURCES = [CORE / "jobs" / "backup.py", CORE / "jobs" / "restore.py", CORE / "ledger.py"]
+SOURCES = [CORE / "jobs" / "backup.py", CORE / "jobs" / "restore.py", CORE / "ledger.py",
+           CORE / "jobs" / "runtime.py",  # the sweep; below, drivers through Hooks.current()
+           Path(prism_http.__file__), Path(iscsi_initiator.__file__)]
 #: the extension points are collected, not broadcast: they are not lifecycle events
 LIFECYCLE = sorted(n for n, f in vars(hookspecs).items()
                    if n.startswith("ahvbackup_") and callable(f)

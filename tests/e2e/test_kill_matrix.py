@@ -43,7 +43,7 @@ def _step(name, detail):
         with open(_LOG, "a") as f:
             f.write(json.dumps([name, _seen[name], detail]) + "\\n")
     if _AT == f"{name}:{_seen[name]}":
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("KILL_SIGNAL", "SIGKILL")))
 
 
 @hookimpl
@@ -87,12 +87,23 @@ def _site(tmp: Path) -> Path:
     return site
 
 
-async def _run(world: World, site: Path, *args: str, **env: str) -> int:
+class Exit(int):
+    """A job's exit code that shows the end of its stderr in a failed assertion."""
+
+    stderr: str = ""
+
+    def __repr__(self) -> str:
+        return f"{int(self)} (stderr: ...{self.stderr[-1500:]})"
+
+
+async def _run(world: World, site: Path, *args: str, **env: str) -> Exit:
     paths = [str(site), os.environ.get("PYTHONPATH", "")]
     full = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths)), **env}
     done = await trio.run_process([*CLI, *args], env=full, capture_stdout=True,
                                   capture_stderr=True, check=False)
-    return done.returncode
+    code = Exit(done.returncode)
+    code.stderr = done.stderr.decode(errors="replace")
+    return code
 
 
 def _free_port() -> int:
@@ -129,6 +140,17 @@ def _left_only_references(world: World) -> None:
 @pytest.mark.parametrize(("data_path", "level"), [("iscsi", "full"), ("rest", "incremental")])
 async def test_a_kill_at_every_step_is_cleaned_up_by_the_next_run(
         tmp_path: Path, data_path: str, level: str) -> None:
+    await _matrix(tmp_path, data_path, level, signals=("SIGKILL",))
+
+
+async def test_sigterm_and_ctrl_c_at_every_step_release_before_exit(tmp_path: Path) -> None:
+    """SIGTERM and SIGINT in turn, one at each step: the job itself releases what it made
+    (checked before any next run) and exits 143 or 130."""
+    await _matrix(tmp_path, "iscsi", "full", signals=("SIGTERM", "SIGINT"))
+
+
+async def _matrix(tmp_path: Path, data_path: str, level: str, *,
+                  signals: tuple[str, ...]) -> None:
     site = _site(tmp_path)
     async with _served(tmp_path, iscsi=data_path == "iscsi") as (world, extra):
         world.add_vm("k", [(4 * MiB, [(0, MiB)])])
@@ -142,15 +164,19 @@ async def test_a_kill_at_every_step_is_cleaned_up_by_the_next_run(
         assert {name for name, _ in steps} >= {"resource_created", "snapshot_created",
                                               "disk_finished"}
         killed = []
-        for name, n in steps:
+        for i, (name, n) in enumerate(steps):
             vm_uuid = next(v.uuid for v in world.sim.vms.values() if v.name == "k")
             world.sim.write_disk(vm_uuid, 0, (n % 4) * MiB, os.urandom(4096))  # a change
-            code = await _run(world, site, *args, KILL_AT=f"{name}:{n}")
-            assert code == -9, f"the kill at {name}:{n} did not happen (exit {code})"
-            killed.append(f"{name}:{n}")
+            sig = signals[i % len(signals)]
+            code = await _run(world, site, *args, KILL_AT=f"{name}:{n}", KILL_SIGNAL=sig)
+            want = {"SIGKILL": -9, "SIGTERM": 143, "SIGINT": 130}[sig]
+            assert code == want, f"the {sig} at {name}:{n} did not end the job (exit {code!r})"
+            if sig != "SIGKILL":  # the job released what it made before it exited
+                _left_only_references(world)
+            killed.append(f"{sig}@{name}:{n}")
             assert await _run(world, site, *args) == 0, f"the run after a kill at {name}:{n}"
             _left_only_references(world)
         verified = await trio.run_process([*CLI, "verify", "--all", *world.cli_args()],
                                           capture_stdout=True, capture_stderr=True, check=False)
         assert verified.returncode == 0, verified.stdout.decode()[-2000:]
-        print(f"killed at {len(killed)} steps ({data_path} {level}): {', '.join(killed)}")
+        print(f"signalled at {len(killed)} steps ({data_path} {level}): {', '.join(killed)}")

@@ -238,7 +238,8 @@ def _serve(read_fd: int, write_fd: int, *, plugin: str, api: str,
     files = config_files()
 
     def on_config(config: Config) -> None:
-        configure_logging(verbose=config.verbose, debug_log=config.debug_log, stderr=False)
+        configure_logging(verbose=config.verbose, debug_log=config.debug_log, stderr=False,
+                          log_format=config.log_format)
         early.replay()
         _point_output_at(config.debug_log)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 __all__ = ["bpipe"]
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -29,11 +30,13 @@ from ahvbackup.core.config import ModeView
 from ahvbackup.core.drivers import RestoreTarget
 from ahvbackup.core.errors import ConfigError, JobError
 from ahvbackup.core.jobs.backup import BackupJob
+from ahvbackup.core.jobs.cluster import cluster_for
+from ahvbackup.core.jobs.codec import stream_keys
 from ahvbackup.core.jobs.results import JobResult
 from ahvbackup.core.jobs.runtime import Runtime
 from ahvbackup.core.plugins import load_driver
 
-from .apply import StreamApplier, apply_stream
+from .apply import AppliedStream, StreamApplier, apply_stream
 from .job_handlers import backup_config
 from .sink import BaculaSink
 
@@ -114,10 +117,12 @@ def bpipe_backup(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
 @pass_context
 def bpipe_restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
                   plugin_string: str | None, where: str) -> None:
-    """Apply the stream on stdin onto <where>/<vm>/<label>.raw (the bpipe writer).
+    """Apply the stream on stdin through the restore target (the bpipe writer).
 
-    A full creates the image; an incremental is applied onto the image its chain's earlier
-    restores left there (restore the jobs of a chain in order, into the same where).
+    A full goes to any target (raw: <where>/<vm>/<label>.raw; ahv: a new VM, configured from
+    the backup's manifest when this host sent it); an incremental is applied onto the raw
+    image its chain's earlier restores left there (restore the jobs of a chain in order, into
+    the same where).
     """
     if not where.strip() or where.strip() == "/":
         raise ConfigError("--where: empty or '/'; give the restore job a where= folder "
@@ -126,8 +131,18 @@ def bpipe_restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...]
                           hooks=ctx.hooks, verbose=ctx.verbose, overrides={"where": where},
                           view=WRITER_VIEW)
     target = load_driver("target", cfg.target, base=RestoreTarget)(cfg)
-    applier = StreamApplier(target=target, dest=Path(where), name="stream on stdin")
-    out = run_trio(apply_stream, applier, lambda n: os.read(0, n))
-    click.echo(f"ahvbackup: restored {out.vm_name} {out.label} ({out.kind}) to {out.path}: "
-               f"{out.data_bytes} data bytes, {out.zero_bytes} zero bytes, "
-               f"chain {'+'.join(out.backup_ids)}")
+    rt = Runtime.from_config(dataclasses.replace(cfg, sink="bacula"), hooks=ctx.hooks)
+    sent = rt.sink
+    assert isinstance(sent, BaculaSink)
+
+    async def main() -> AppliedStream:
+        async with cluster_for(rt, target) as cluster:
+            applier = StreamApplier(target=target, dest=Path(where), name="stream on stdin",
+                                    cluster=cluster, manifest_of=sent.recorded,
+                                    keys=stream_keys(cfg), hypervisor=rt.hypervisor)
+            return await apply_stream(applier, lambda n: os.read(0, n))
+
+    out = run_trio(main)
+    click.echo(f"ahvbackup: restored {out.vm_name} {out.label} ({out.kind}) to "
+               f"{out.path or 'the cluster'}: {out.data_bytes} data bytes, "
+               f"{out.zero_bytes} zero bytes, chain {'+'.join(out.backup_ids)}")

@@ -32,9 +32,14 @@ from .protocol import (
 MESSAGE_KINDS = frozenset("EAWISNRPOVQ")
 
 
+#: the longest job message sent (Bacula's job log wants lines, and a packet holds 999999 bytes)
+MESSAGE_MAX = 4000
+
+
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return "; ".join(lines) if lines else "(no message)"
+    line = "; ".join(lines) if lines else "(no message)"
+    return line if len(line) <= MESSAGE_MAX else f"{line[:MESSAGE_MAX]}... (cut)"
 
 
 class PacketChannel:

@@ -3,6 +3,9 @@
 One FileSet and one Job per VM, so the Director can run (and distribute over file daemons)
 each VM's backup on its own. ``--path bpipe`` writes one ``Plugin`` line per disk for stock
 Bacula's bpipe; ``--path metaplugin`` one ``ahvbackup:`` line per VM for the metaplugin backend.
+``--project P`` (repeatable) writes one set of resources per tenant: each project's VMs, with
+``project=P`` in their plugin strings (so the job runs as tenant P, docs/tenants.md) and the
+tenant in the resource names; ``--out DIR`` writes them to ``DIR/ahvbackup-<tenant>.conf``.
 """
 
 from __future__ import annotations
@@ -34,9 +37,14 @@ def _resource(prefix: str, vm: VmInfo) -> str:
 
 
 def render_filesets(vms: Sequence[VmInfo], *, path: str, command: str,
-                    configs: Sequence[Path], jobdefs: str, prefix: str = "ahv-") -> str:
-    """The Bacula resources (text) for `vms`; refuses names bpipe or the parser cannot carry."""
+                    configs: Sequence[Path], jobdefs: str, prefix: str = "ahv-",
+                    project: str | None = None) -> str:
+    """The Bacula resources (text) for `vms`; refuses names bpipe or the parser cannot carry.
+    `project`: the resources of that project's tenant (`project=` in every plugin string)."""
     conf = " ".join(f"-c {shlex.quote(str(c))}" for c in configs)
+    if project is not None:
+        conf += f" -o project={shlex.quote(project)}"
+        prefix = f"{prefix}{_RESOURCE_NAME.sub('_', project)}-"
     out = []
     for vm in vms:
         if '"' in vm.name or "\n" in vm.name:
@@ -49,7 +57,8 @@ def render_filesets(vms: Sequence[VmInfo], *, path: str, command: str,
                  "FileSet {", f'  Name = "{name}"', "  Include {",
                  "    Options { signature = MD5 }"]
         if path == "metaplugin":
-            lines.append(f'    Plugin = "ahvbackup: vm={shlex.quote(vm.name)}"')
+            scope = f" project={shlex.quote(project)}" if project is not None else ""
+            lines.append(f'    Plugin = "ahvbackup: vm={shlex.quote(vm.name)}{scope}"')
         else:
             for disk in vm.disks:
                 vpath = f"/@ahvbackup/{cluster}/{virtual_part(vm.name)}/disks/{disk.label}.ahvd"
@@ -85,29 +94,46 @@ def bacula() -> None:
 @click.option("--command", "command",
               help="The ahvbackup program as the file daemon runs it (default: this one).")
 @click.option("--prefix", default="ahv-", show_default=True, help="Resource name prefix.")
+@click.option("--project", "projects", multiple=True, metavar="NAME",
+              help="One tenant's resources per project (name or UUID; repeatable): its VMs, "
+                   "run with project=NAME.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="With --project: write DIR/ahvbackup-<tenant>.conf per tenant.")
 @pass_context
 def fileset(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
             plugin_string: str | None, bacula_path: str, jobdefs: str, command: str | None,
-            prefix: str) -> None:
-    """Print FileSet and Job resources for the VMs the selection (vm=, exclude=, cluster=)
-    matches. The readers and writers get the same -c files, so give absolute paths."""
+            prefix: str, projects: tuple[str, ...], out_dir: Path | None) -> None:
+    """Print FileSet and Job resources for the VMs the selection (vm=, exclude=, cluster=,
+    project=) matches. The readers and writers get the same -c files, so give absolute
+    paths."""
+    if out_dir is not None and not projects:
+        raise ConfigError("--out: writes one file per tenant; name the tenants with --project")
     cfg = load_job_config(configs=configs, sets=sets, plugin_string=plugin_string,
                           hooks=ctx.hooks, verbose=ctx.verbose,
                           require=("prism_central", "user", "password"))
     rt = Runtime.from_config(cfg, hooks=ctx.hooks)
 
-    async def listed() -> list[VmInfo]:
+    async def listed(project: tuple[str, ...]) -> list[VmInfo]:
         async with rt.hypervisor.connect() as session:
             vms, warnings = select_vms(await session.list_vms(), include=cfg.vm,
-                                       exclude=cfg.exclude, cluster=cfg.cluster)
+                                       exclude=cfg.exclude, cluster=cfg.cluster,
+                                       project=project)
         for w in warnings:
             click.echo(f"ahvbackup: warning: {w}", err=True)
         return vms
 
-    vms = run_trio(listed)
-    if not vms:
-        raise ConfigError("vm: no VM matches the selection; nothing to print")
     program = command or shutil.which("ahvbackup") or "ahvbackup"
-    click.echo(render_filesets(vms, path=bacula_path, command=program,
+    for project in projects or (None,):
+        vms = run_trio(listed, (project,) if project is not None else cfg.project)
+        if not vms:
+            raise ConfigError("vm: no VM matches the selection; nothing to print")
+        text = render_filesets(vms, path=bacula_path, command=program,
                                configs=[c.resolve() for c in configs], jobdefs=jobdefs,
-                               prefix=prefix), nl=False)
+                               prefix=prefix, project=project)
+        if out_dir is not None and project is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            target = out_dir / f"ahvbackup-{_RESOURCE_NAME.sub('_', project)}.conf"
+            target.write_text(text)
+            click.echo(f"{target}: {len(vms)} VM(s) of project {project}")
+        else:
+            click.echo((f"# tenant {project}\n" if project is not None else "") + text, nl=False)

@@ -196,4 +196,7 @@ class BackendHandlers:
         """Every file of the restore was received (FINISH)."""
 
     async def end(self, ctx: BackendContext) -> None:
-        """The job ends (END); the last chance to report in the job log."""
+        """The job ends (END); the last chance to report in the job log. Also called, once,
+        when the session ends without END (a protocol error, the file daemon gone, a
+        cancel), where messages may no longer reach the job log: release what the job
+        holds here."""

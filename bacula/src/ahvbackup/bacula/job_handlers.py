@@ -1,12 +1,14 @@
 """The metaplugin backend's real work: backup, estimate, listing and restore of AHV VMs.
 
 Backup runs `BackupJob` with the ``bacula`` sink attached to the session's file emitter, so per
-VM Bacula receives ``@ahvbackup/<cluster>/<vm>/disks/<label>.ahvd`` for each disk and then
-``.../vm.json`` (the manifest: VM configuration, snapshot, disks). Restore takes those files
-back with the Job's ``where`` applied: ``vm.json`` is written as a file, each ``.ahvd`` stream is
-checked and applied onto a raw image beside it (``<where>/@ahvbackup/<cluster>/<vm>/<label>.raw``
-with the raw target). Cancellation (SIGUSR1) cancels the job's trio scope; the job's release
-stacks then release every snapshot and staged image through the ledger.
+VM Bacula receives ``@ahvbackup/<cluster>/<vm>/<backup id>/disks/<label>.ahvd`` for each disk
+and then ``.../<backup id>/vm.json`` (the manifest: VM configuration, snapshot, disks). Restore
+takes those files back with the Job's ``where`` applied, several backups' at once: each disk
+stream is spooled and checked as it arrives, each ``vm.json`` kept (and written as a file),
+and at FINISH every VM is restored at the newest backup received, its chain applied in one
+pass through the configured restore target (`restore_collect`). Cancellation (SIGUSR1) cancels
+the job's trio scope; the job's release stacks then release every snapshot, staged image,
+volume group and half-made VM through the ledger.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import trio
 
 from ahvbackup.core.config import Config
-from ahvbackup.core.containment import ContainmentError, check_part, folders_inside, open_inside
+from ahvbackup.core.containment import ContainmentError, check_part, open_inside
 from ahvbackup.core.drivers import RestoreTarget
 from ahvbackup.core.errors import ConfigError, SinkError
 from ahvbackup.core.jobs.backup import BackupJob
@@ -34,13 +36,15 @@ from ahvbackup.core.jobs.selection import select_vms
 from ahvbackup.core.plugins import load_driver
 from ahvbackup.targets.raw import image_parts
 
-from .apply import StreamApplier
 from .handlers import BackendContext, BackendHandlers, FileEmitter, RestoreFile
+from .restore_collect import restore_received
 from .sink import BaculaSink, virtual_part
+from .spool import MANIFEST_MAX, RestoreSpool
 
 log = logging.getLogger("ahvbackup.bacula.jobs")
 
 STREAM_SUFFIX = ".ahvd"
+MANIFEST = "vm.json"
 
 
 def backup_config(config: Config) -> tuple[Config, list[str]]:
@@ -126,7 +130,8 @@ class JobHandlers(BackendHandlers):
         rt = Runtime.from_config(dataclasses.replace(ctx.config, sink="bacula"))
         async with rt.hypervisor.connect() as session:
             vms, _ = select_vms(await session.list_vms(), include=ctx.config.vm,
-                                exclude=ctx.config.exclude, cluster=ctx.config.cluster)
+                                exclude=ctx.config.exclude, cluster=ctx.config.cluster,
+                                project=ctx.config.project)
         now = time.time()
         top = (ctx.listing or "/").strip("/").split("/")
         top = [p for p in top if p and not p.startswith("@")]
@@ -140,8 +145,17 @@ class JobHandlers(BackendHandlers):
                 await emitter.directory(ctx.path(top[0], virtual_part(v.name)), mtime=now)
 
     # restore ------------------------------------------------------------------------------
+    # Every file is taken as it comes (disk streams spooled and checked, vm.json kept); at
+    # FINISH each VM is restored at the newest point received (restore_collect).
+    _spool: RestoreSpool | None = None
+
+    def _target_needs_cluster(self, ctx: BackendContext) -> bool:
+        return bool(load_driver("target", ctx.config.target, base=RestoreTarget).needs_cluster)
+
     def _where(self, ctx: BackendContext) -> Path:
         if not ctx.job.where or ctx.job.where.strip("/") == "":
+            if self._target_needs_cluster(ctx):
+                return Path("/")  # a VM on a cluster: nothing is written under where
             raise ConfigError("where: a restore of ahvbackup files needs a restore folder "
                               "(bconsole: restore ... where=/path); disks are rebuilt there")
         return Path(ctx.job.where)
@@ -163,45 +177,69 @@ class JobHandlers(BackendHandlers):
     async def restore_wanted(self, ctx: BackendContext, file: RestoreFile) -> bool:
         where, parts = self._parts(ctx, file.fname)
         name = parts[-1]
-        if name.endswith(STREAM_SUFFIX) and len(parts) >= 3:
+        if name.endswith(STREAM_SUFFIX) and parts[-2:-1] == ["disks"]:
             label = name.removesuffix(STREAM_SUFFIX)
             only = ctx.config.restore_disks_only
-            by_position = [n for n in only if re.fullmatch(r"disk-\d+", n) and n != label]
-            if by_position:
-                # the Nth disk is known from vm.json, which Bacula restores after the disks
-                raise ConfigError(f"restore_disks_only: {', '.join(by_position)}: a Bacula "
-                                  "restore selects disks by label (scsi.0, scsi.1, ...), as "
-                                  "the restore tree names them")
-            if only and label not in only:
+            # disk-N names a disk by its place in vm.json: chosen once every file is in
+            if only and not any(re.fullmatch(r"disk-\d+", n) for n in only) \
+                    and label not in only:
                 return False
-            image = where.joinpath(*parts[:-3], *image_parts(parts[-3], label))
-            if ctx.job.replace == "n" and image.exists():
-                await ctx.messages.info(f"{image} exists and replace=never: skipped")
-                return False
+            if ctx.job.replace == "n" and not self._target_needs_cluster(ctx):
+                folder = parts[:-2]
+                for vm_at in {len(folder) - 1, len(folder) - 2} - {-1}:  # both layouts
+                    image = where.joinpath(*folder[:vm_at], *image_parts(folder[vm_at], label))
+                    if image.exists():
+                        await ctx.messages.info(f"{image} exists and replace=never: skipped")
+                        return False
         return True
 
     async def restore_file(self, ctx: BackendContext, file: RestoreFile,
                            data: AsyncIterator[memoryview]) -> None:
         where, parts = self._parts(ctx, file.fname)
-        if not parts[-1].endswith(STREAM_SUFFIX) or len(parts) < 3:
-            await _write_plain(where, parts, data)
+        if self._spool is None:
+            self._spool = RestoreSpool(ctx.config)
+        if parts[-1].endswith(STREAM_SUFFIX) and parts[-2:-1] == ["disks"]:
+            got = await self._spool.take_stream(file.fname, data)
+            h = got.header
+            log.info("received %s: %s stream of %s %s, backup %s, %d bytes", file.fname,
+                     h.kind, h.vm_name, h.disk_label, h.backup_id, got.size)
             return
-        # <...>/<vm>/disks/<label>.ahvd -> the image <...>/<vm>/<label>.raw (raw target)
-        vm_parent = await trio.to_thread.run_sync(
-            lambda: folders_inside(where, parts[:-3], what=f"restore of {file.fname}"))
-        target = load_driver("target", ctx.config.target, base=RestoreTarget)(ctx.config)
-        applier = StreamApplier(target=target, dest=vm_parent, vm_name=parts[-3],
-                                name=file.fname)
+        if parts[-1] == MANIFEST:
+            doc = await _read_all(data, limit=MANIFEST_MAX, what=file.fname)
+            self._spool.take_manifest(file.fname, doc)
+            if where != Path("/"):
+                await _write_plain(where, parts, _once(doc))
+            return
+        await _write_plain(where, parts, data)
+
+    async def restore_finish(self, ctx: BackendContext) -> None:
+        spool, self._spool = self._spool, None
+        if spool is None:
+            return
         try:
-            async for block in data:
-                await applier.feed(block)
-            out = await applier.finish()
-        except BaseException:
-            await applier.abort()
-            raise
-        await ctx.messages.info(
-            f"disk restored: {out.path} ({out.kind}, {out.data_bytes} data bytes, "
-            f"{out.zero_bytes} zero bytes, chain {'+'.join(out.backup_ids)})")
+            await restore_received(ctx, spool, self._where(ctx))
+        finally:
+            with trio.CancelScope(shield=True):  # a cancelled job removes its spool too
+                await trio.to_thread.run_sync(spool.close)
+
+    async def end(self, ctx: BackendContext) -> None:
+        if self._spool is not None:  # FINISH never came: nothing is restored half
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._spool.close)
+            self._spool = None
+
+
+async def _read_all(data: AsyncIterator[memoryview], *, limit: int, what: str) -> bytes:
+    out = bytearray()
+    async for block in data:
+        out += block
+        if len(out) > limit:
+            raise SinkError(f"{what}: larger than {limit} bytes; not an ahvbackup vm.json")
+    return bytes(out)
+
+
+async def _once(doc: bytes) -> AsyncIterator[memoryview]:
+    yield memoryview(doc)
 
 
 async def _write_plain(where: Path, parts: list[str], data: AsyncIterator[memoryview]) -> None:

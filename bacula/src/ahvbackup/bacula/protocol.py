@@ -27,6 +27,7 @@ __all__ = [
     "encode_header",
     "encode_packet",
     "parse_header",
+    "shown",
     "split_payload",
 ]
 
@@ -45,6 +46,9 @@ PLUGIN_TO_BACKEND = frozenset("CDFT")
 BACKEND_TO_PLUGIN = frozenset("CDFTEAWISNRPOVQ")
 _NO_PAYLOAD = frozenset("FT")
 _KNOWN = BACKEND_TO_PLUGIN
+
+#: how much of a bad command an error message quotes (a command can be 999999 bytes)
+SHOWN = 120
 
 EOD = b"F000000\n"
 TERMINATE = b"T000000\n"
@@ -68,6 +72,14 @@ class Packet(NamedTuple):
     def text(self) -> str:
         """The payload of a command, without its trailing newline (see `command_text`)."""
         return command_text(self.payload)
+
+
+def shown(text: str) -> str:
+    """`text` quoted for an error message, cut to `SHOWN` characters (a bad command may be a
+    whole data packet read as text)."""
+    if len(text) <= SHOWN:
+        return repr(text)
+    return f"{text[:SHOWN]!r}... ({len(text)} characters)"
 
 
 def encode_header(kind: str, length: int) -> bytes:

@@ -36,12 +36,13 @@ from pathlib import Path
 import trio
 
 from ahvbackup.core.config import Config, ConfigSources, ModeView, assemble_config, pick_mode
+from ahvbackup.core.config.assembly import VM_RESTORE_KEYS
 from ahvbackup.core.errors import AhvBackupError, ConfigError, our_errors
 from ahvbackup.core.plugins import Hooks
 
 from .channel import PacketChannel
 from .handlers import LEVELS, BackendContext, BackendHandlers, JobInfo, RestoreFile
-from .protocol import PeerClosedError, ProtocolError
+from .protocol import PeerClosedError, ProtocolError, shown
 
 log = logging.getLogger("ahvbackup.bacula")
 
@@ -108,8 +109,11 @@ def validate_params(
     """
     bad = [k for k, _ in params if not _KEY.fullmatch(k)]
     if bad:
-        raise ConfigError("; ".join(f"plugin string: {k!r}: not a parameter name" for k in bad))
+        raise ConfigError("; ".join(f"plugin string: {shown(k)}: not a parameter name"
+                                    for k in bad))
     config_params = [(k, v) for k, v in params if k.lower() not in SESSION_KEYS]
+    if _restores_a_vm(config_params, config_files):
+        config_params.append(("target", "ahv"))
     overrides: dict[str, object] = {}
     if job.level_code in LEVELS:
         overrides["level"] = LEVELS[job.level_code]
@@ -121,10 +125,22 @@ def validate_params(
     return assemble_config(sources, hooks=Hooks(), view=JOB_VIEWS.get(job.type, ANY_JOB))
 
 
+def _restores_a_vm(params: Sequence[tuple[str, str]], config_files: Sequence[Path]) -> bool:
+    """A plugin string that shapes the restored VM (``target_cluster``, ``network_map``, ...:
+    the whitepaper's FileSet 8.3, and the restore options) restores to AHV when no
+    ``target`` is set anywhere: those keys mean nothing for disk images."""
+    keys = {k.lower().lstrip("-").replace("-", "_") for k, _ in params}  # --memory-mib too
+    if "target" in keys or not keys & set(VM_RESTORE_KEYS):
+        return False
+    files_only = assemble_config(ConfigSources(files=tuple(config_files)), hooks=Hooks(),
+                                 view=ANY_JOB)
+    return files_only.sources.get("target", "default") == "default"
+
+
 def parse_stat(text: str) -> tuple[str, int, int, int, int, int]:
     """``F 1048576 0 0 100640 1 [fi]`` -> (type, size, uid, gid, mode, nlinks)."""
     fields = text.split()
-    bad = ProtocolError(f"bad STAT from the file daemon: {text!r}")
+    bad = ProtocolError(f"bad STAT from the file daemon: {shown(text)}")
     if len(fields) < 6 or len(fields[0]) != 1:
         raise bad
     try:
@@ -137,7 +153,7 @@ def parse_stat(text: str) -> tuple[str, int, int, int, int, int]:
 def parse_tstamp(text: str) -> tuple[int, int, int]:
     """``<atime> <mtime> <ctime>`` -> three ints."""
     fields = text.split()
-    bad = ProtocolError(f"bad TSTAMP from the file daemon: {text!r}")
+    bad = ProtocolError(f"bad TSTAMP from the file daemon: {shown(text)}")
     if len(fields) != 3:
         raise bad
     try:
@@ -307,6 +323,8 @@ class Session:
         self.data_complete = False
         #: the file daemon sent T (it closes the pipe next)
         self.terminated = False
+        #: the handlers' `end` ran (at END, or when the session ended without it)
+        self.ended = False
         self._scope = trio.CancelScope()
 
     # control ------------------------------------------------------------------------------
@@ -331,16 +349,35 @@ class Session:
                 with trio.move_on_after(2):
                     await self._send_quietly("A", f"protocol error: {err}")
                 code = 1
+        await self._end_without_end()
         if self._scope.cancelled_caught:
             log.info("job cancelled (%s); cleanup done in %.1f s", self.cancelled_by,
                      time.monotonic() - started)
             code = 0
         return code
 
+    async def _end_without_end(self) -> None:
+        """A session that ends without END (a protocol error, the file daemon gone, a cancel,
+        T alone) still ends its job: the handlers drop what it holds (a restore's spool)."""
+        if self.ended or self.ctx is None:
+            return
+        self.ended = True
+        ctx = self.ctx
+        with trio.CancelScope(shield=True), trio.move_on_after(30):
+            try:
+                await self.handlers.end(ctx)
+            except Exception as exc:  # the session is over: nothing can be reported
+                log.warning("end of job without END failed: %s", _describe(exc)[0])
+
     def _peer_closed(self, err: PeerClosedError) -> int:
         """The exit status when the file daemon went away: 0 when nothing was cut short."""
         if self.refused:
             log.info("%s", err)
+            return 0
+        if self.data_complete and self.phase == "restore":  # FINISH never came
+            log.warning("%s, without END and before FINISH: every file received was whole; "
+                        "what the handlers hold until FINISH (a restore's spooled streams) is "
+                        "dropped", err)
             return 0
         if self.data_complete:
             # Bacula 13.x and 15.x skip END after a job with errors; every file was whole
@@ -379,7 +416,7 @@ class Session:
             elif cmd == "END":
                 await self._end()
             else:
-                raise ProtocolError(f"unknown command {cmd!r}")
+                raise ProtocolError(f"unknown command {shown(cmd)}")
 
     async def _key_values(self, block: str) -> list[tuple[str, str]]:
         out = []
@@ -401,7 +438,7 @@ class Session:
             try:
                 return int(raw)
             except ValueError:
-                raise ProtocolError(f"Job: {key}={raw!r} is not a number") from None
+                raise ProtocolError(f"Job: {key}={shown(raw)} is not a number") from None
 
         self.job = JobInfo(
             name=values.get("Name", ""),
@@ -534,14 +571,14 @@ class Session:
                 if cmd.startswith("RESTOREOBJ:"):
                     nxt = await self.channel.receive_command()
                     if nxt is None or not nxt.startswith("RESTOREOBJ_LEN:"):
-                        raise ProtocolError(f"expected RESTOREOBJ_LEN after {cmd!r}")
+                        raise ProtocolError(f"expected RESTOREOBJ_LEN after {shown(cmd)}")
                 log.debug("restore: %s ignored", cmd)
                 await _DataBlocks(self.channel, present=True).drain()
                 await self.channel.send_command("OK")
             elif cmd in {"END", "Job", "Params"} or cmd in _START:
                 return cmd
             else:
-                raise ProtocolError(f"unknown restore command {cmd!r}")
+                raise ProtocolError(f"unknown restore command {shown(cmd)}")
 
     async def _restore_one(self, ctx: BackendContext, fname: str) -> str | None:
         """One FNAME block; returns the next command when the file had no DATA."""
@@ -550,7 +587,8 @@ class Session:
         while (text := await self.channel.receive_command()) is not None:
             key, sep, value = text.partition(":")
             if not sep:
-                raise ProtocolError(f"unexpected restore attribute {text!r} for {fname}")
+                raise ProtocolError(f"unexpected restore attribute {shown(text)} for "
+                                    f"{shown(fname)}")
             attrs[key] = value
         if "STAT" not in attrs:
             raise ProtocolError(f"no STAT for restore file {fname}")
@@ -605,6 +643,7 @@ class Session:
     async def _end(self) -> None:
         self.phase = "end"
         ctx = self.ctx
+        self.ended = True
         if ctx is not None:
             await self._guard("end of job", lambda: self.handlers.end(ctx))
         await self.channel.send_eod()

@@ -3,7 +3,10 @@
 Two ways out, one per Bacula path:
 
 - metaplugin (`attach_emitter`): each disk stream becomes the virtual file
-  ``@ahvbackup/<cluster>/<vm>/disks/<label>.ahvd`` and the manifest ``.../vm.json``. One file
+  ``@ahvbackup/<cluster>/<vm>/<backup id>/disks/<label>.ahvd`` and the manifest
+  ``.../<backup id>/vm.json`` (named per backup, so that Bacula's "most recent" restore
+  selection of the newest backup holds every link of its chain; backups taken before had no
+  ``<backup id>`` folder and still restore). One file
   is sent at a time. A disk whose turn it is is sent *as it is read*, so reading from Prism and
   sending to Bacula overlap. Bacula wants a file's size in its STAT before the data, and a
   stream's exact size is only known once it is written (zero detection and the encoder decide
@@ -50,6 +53,7 @@ from ahvbackup.core.errors import SinkError
 from ahvbackup.core.fsutil import atomic_write_bytes
 from ahvbackup.core.manifest import Manifest, ManifestError
 from ahvbackup.core.model import VmInfo
+from ahvbackup.core.stream import StreamHeader
 
 from .handlers import FileEmitter, JobMessages
 
@@ -103,9 +107,12 @@ class _EmitterWriter(BackupWriter):
         self.spool = sink.spool_root / safe_name(f"{backup_id}-{vm.uuid}")
 
     def vpath(self, *leaf: str) -> str:
+        """``<cluster>/<vm>/<backup id>/<leaf>``: each backup's files are named apart, so
+        Bacula's "most recent" restore selection holds every link of a chain."""
         assert self.sink.path_of is not None
         cluster = virtual_part(self.vm.cluster_name or self.vm.cluster_uuid)
-        return self.sink.path_of(cluster, virtual_part(self.vm.name), *leaf)
+        return self.sink.path_of(cluster, virtual_part(self.vm.name),
+                                 virtual_part(self.backup_id), *leaf)
 
     async def write_disk(self, label: str, chunks: AsyncIterator[bytes | memoryview]) -> int:
         fname = self.vpath("disks", f"{safe_name(label)}.ahvd")
@@ -425,6 +432,18 @@ class BaculaSink(Sink):
             if vm is None or vm in (item.vm_uuid, item.vm_name):
                 found.append(item)
         return sorted(found, key=lambda b: (b.created, b.backup_id))
+
+    def recorded(self, header: StreamHeader) -> Manifest | None:
+        """The manifest of the backup a stream belongs to, when this host sent it (the
+        record of sent backups): the VM's configuration, for a restore that creates the VM."""
+        path = self.sent_root / safe_name(header.vm_uuid) / f"{safe_name(header.backup_id)}.json"
+        try:
+            return Manifest.from_bytes(path.read_bytes(), name=str(path))
+        except FileNotFoundError:
+            return None
+        except (OSError, ManifestError) as err:
+            log.warning("bacula sink: %s is unreadable (%s); restoring without it", path, err)
+            return None
 
     def open_stream(self, backup: StoredBackup, label: str) -> BinaryIO:
         raise SinkError("sink=bacula: restore through Bacula (bconsole restore), which hands "

@@ -33,21 +33,27 @@ __all__ = [
     "RestoreRequest",
     "RestoreTarget",
     "Sink",
+    "SourceRange",
     "StoredBackup",
     "VmRestore",
     "VmShape",
+    "VmStage",
+    "dr_transport_name",
 ]
 
 import abc
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+import errno
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar
 
 import marshmallow
+import trio
 
-from .errors import DataPathError, HypervisorError, SinkError
+from .errors import ConfigError, DataPathError, HypervisorError, SinkError
 from .health import HealthCheck, skipped
 from .ledger import Record, ReleaseStack
 from .manifest import Manifest
@@ -147,6 +153,11 @@ class VmShape:
     machine_type: str = ""
     nics: tuple[NicShape, ...] = ()
     description: str = ""
+
+    @property
+    def uefi(self) -> bool:
+        """It boots from UEFI firmware (AHV's UEFI and SECURE_BOOT boot types)."""
+        return self.boot_type.upper() in ("UEFI", "SECURE_BOOT")
 
 
 @dataclass(frozen=True)
@@ -253,6 +264,15 @@ class HypervisorSession(abc.ABC):
         data path); every remote step goes on `stack` before it is relied on."""
         raise DataPathError(f"disk {disk.disk.label}: this hypervisor has no iSCSI path")
 
+    async def stage_iscsi_vm(
+        self, disks: Sequence[DiskSnapshot], *, initiator_iqn: str, stack: ReleaseStack
+    ) -> tuple[IscsiSource, ...]:
+        """Expose several disks of one snapshot at once, one source each in `disks` order (a
+        platform may put them behind one target, a LUN each, with fewer API calls). By
+        default each disk is staged on its own (`stage_iscsi`)."""
+        return tuple([await self.stage_iscsi(d, initiator_iqn=initiator_iqn, stack=stack)
+                      for d in disks])
+
     # restore side: what a target that recreates VMs on the platform needs ------------------
 
     def _no_restore(self, what: str) -> HypervisorError:
@@ -265,11 +285,6 @@ class HypervisorSession(abc.ABC):
     async def list_networks(self) -> list[Network]:
         """Every network of every cluster (the subnets a restored VM's NICs may join)."""
         raise self._no_restore("list networks")
-
-    def vm_shape(self, config: Mapping[str, Any]) -> VmShape:
-        """Read a backed-up VM's recorded configuration (`Manifest.config`, as this
-        platform gave it) into what a restore recreates."""
-        raise self._no_restore("read a recorded VM configuration")
 
     async def stage_empty_iscsi(
         self, *, cluster_uuid: str, container_uuid: str, size: int, name: str,
@@ -308,6 +323,13 @@ class Hypervisor(Driver):
     @abc.abstractmethod
     def connect(self) -> AbstractAsyncContextManager[HypervisorSession]:
         """``async with driver.connect() as session:``"""
+
+    def vm_shape(self, config: Mapping[str, Any]) -> VmShape | None:
+        """Read a backed-up VM's recorded configuration (`Manifest.config`, as this platform
+        gave it) into what a restore recreates; None when this platform records none or it
+        is empty. Pure: no connection is made."""
+        del config
+        return None
 
     async def health_checks(self, *, timeout: float = 10.0) -> list[HealthCheck]:
         """Pre-flight checks of the management plane, in order, for `ahvbackup health-check`
@@ -351,6 +373,39 @@ class DataPath(Driver):
         The reader, and the connections or sessions it holds, live in the caller's task for
         the block and are closed when it ends; resources staged on the cluster go on `stack`
         (released by it, after the block). Reads may come from several tasks at once."""
+
+    def stage(
+        self, session: HypervisorSession, disks: Sequence[DiskSnapshot], *, stack: ReleaseStack
+    ) -> AbstractAsyncContextManager[VmStage]:
+        """``async with path.stage(session, disks, stack=stack) as staged``: whatever one VM's
+        disks can share (iscsi: one volume group and target for all of them), staged once,
+        on `stack`; each disk is then opened with ``staged.open(disk, stack=...)``. By
+        default nothing is shared and each disk is opened as `open` does."""
+        return nullcontext(_EachDisk(self, session))
+
+
+class VmStage(abc.ABC):
+    """The disks of one VM as a data path staged them together (`DataPath.stage`)."""
+
+    @abc.abstractmethod
+    def open(
+        self, disk: DiskSnapshot, *, stack: ReleaseStack
+    ) -> AbstractAsyncContextManager[DiskReader]:
+        """As `DataPath.open`, for one of the staged disks; what only this disk needs goes
+        on `stack`."""
+
+
+class _EachDisk(VmStage):
+    """Nothing shared: every disk is opened, and staged, on its own."""
+
+    def __init__(self, path: DataPath, session: HypervisorSession) -> None:
+        self._path = path
+        self._session = session
+
+    def open(
+        self, disk: DiskSnapshot, *, stack: ReleaseStack
+    ) -> AbstractAsyncContextManager[DiskReader]:
+        return self._path.open(self._session, disk, stack=stack)
 
 
 # Sink ------------------------------------------------------------------------------------------
@@ -474,11 +529,14 @@ class RestoreRequest:
     target makes a folder of it with `safe_name`); `dest`, the folder for local files
     (``--dest``, Bacula's where; a cluster target ignores it); `manifest`, the backup point's
     manifest (the VM's configuration and disks) when it is known before the disks are (a
-    Bacula restore hands the disks first)."""
+    Bacula restore hands the disks first); `shape`, what the VM was (CPU, memory, firmware,
+    NICs) as the hypervisor driver reads the manifest's recorded configuration
+    (`Hypervisor.vm_shape`), None when that is not known."""
 
     vm_name: str
     dest: Path
     manifest: Manifest | None = None
+    shape: VmShape | None = None
 
 
 @dataclass(frozen=True)
@@ -492,16 +550,39 @@ class ClusterAccess:
     stack: ReleaseStack
 
 
+@dataclass(frozen=True)
+class SourceRange:
+    """Bytes of a local regular file, already verified, for `DiskWriter.copy`: `length` bytes
+    at `offset` of the open descriptor `fd` (valid only until the call returns; do not move
+    its file position or close it)."""
+
+    fd: int
+    offset: int
+    length: int
+
+
 class DiskWriter(abc.ABC):
     """One disk being restored.
 
-    The job calls `write` and `zero` one at a time (each awaited before the next), with ranges
-    in ascending offset order that never overlap and lie inside [0, size). A range that is
-    never given reads as zeros: a new disk is all zeros, so a target may skip `zero` ranges on
-    a disk it created. A `data` view is valid only until the call returns. Then `finish`."""
+    The job calls `write`, `copy` and `zero` one at a time (each awaited before the next), with
+    ranges in ascending offset order that never overlap and lie inside [0, size). A range that
+    is never given reads as zeros: a new disk is all zeros, so a target may skip `zero` ranges
+    on a disk it created. A `data` view is valid only until the call returns. `copy(offset,
+    source)` gives a range whose verified bytes sit in a local file (`SourceRange`), when the
+    repository is one; its default reads them and calls `write`, and a file target may
+    override it to copy in the kernel (`os.copy_file_range`). Then `finish`."""
 
     @abc.abstractmethod
     async def write(self, offset: int, data: memoryview) -> None: ...
+
+    async def copy(self, offset: int, source: SourceRange) -> None:
+        buf = bytearray(min(source.length, COPY_PIECE))
+        done = 0
+        while done < source.length:
+            view = memoryview(buf)[: min(len(buf), source.length - done)]
+            await trio.to_thread.run_sync(_pread_exact, source.fd, view, source.offset + done)
+            await self.write(offset + done, view)
+            done += len(view)
 
     @abc.abstractmethod
     async def zero(self, offset: int, length: int) -> None: ...
@@ -510,6 +591,18 @@ class DiskWriter(abc.ABC):
     async def finish(self) -> str:
         """Every range was given: make the disk durable; returns where it is (a path, or a
         cluster object's id)."""
+
+
+#: the default `DiskWriter.copy` moves at most this many bytes per `write`
+COPY_PIECE = 4 << 20
+
+
+def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            raise OSError(errno.EIO, f"source ended {len(view)} bytes early")
+        view, offset = view[n:], offset + n
 
 
 class VmRestore(abc.ABC):
@@ -545,6 +638,47 @@ class RestoreTarget(Driver):
 
 
 class DrTransport(Driver):
-    """The authenticated channel between a DR source and its receiver (psk, mtls)."""
+    """The authenticated, encrypted channel between a DR source and its receiver (psk, mtls).
+
+    The source calls `connect`; the receiver calls `serve`. Both sides prove their
+    credentials before a byte of payload moves: a peer with wrong credentials is refused on
+    both sides with a `TransportError` naming what failed (never a secret). The streams they
+    give are ordinary `trio.abc.Stream` objects; a damaged, replayed, reordered or truncated
+    stream ends with an error that is a `TransportError` and a `trio.BrokenResourceError`,
+    before any of the bad bytes are returned. `ahvbackup.core.testing.check_dr_transport`
+    holds a driver to this. `dr_transport_name` says which driver a configuration selects.
+    """
 
     kind: ClassVar[str] = "transport"
+
+    @abc.abstractmethod
+    async def connect(self) -> trio.abc.Stream:
+        """An authenticated, encrypted byte stream to the receiver at
+        config.dr_host:config.dr_port."""
+
+    @abc.abstractmethod
+    async def serve(self, handler: Callable[[trio.abc.Stream], Awaitable[None]], *,
+                    host: str | None = None,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on config.dr_port (0: any free port) and run `handler` for each peer that
+        authenticates; task_status.started(port) once listening. `host` is the address to
+        bind (None: every interface; with port 0, give one). Each peer runs in its own task
+        and its stream is closed when `handler` returns; a peer that fails to authenticate,
+        or whose stream breaks (a `TransportError` or `trio.BrokenResourceError` out of
+        `handler`), is logged with its address and the reason, and the listener goes on."""
+
+
+def dr_transport_name(config: Config) -> str:
+    """The DR transport a configuration selects, from the keys it sets: ``psk`` with
+    `dr_auth_token`, ``mtls`` with `dr_auth_cert`, `dr_auth_key` and `dr_ca_cert`. Both,
+    or neither, is a `ConfigError` naming the keys."""
+    tls = [k for k in ("dr_auth_cert", "dr_auth_key", "dr_ca_cert") if getattr(config, k)]
+    if config.dr_auth_token and tls:
+        raise ConfigError(f"dr_auth_token and {', '.join(tls)} are both set: the DR channel is "
+                          "either psk (dr_auth_token) or mtls (certificates); keep one")
+    if config.dr_auth_token:
+        return "psk"
+    if tls:
+        return "mtls"
+    raise ConfigError("DR channel: no credentials: set dr_auth_token (psk) or dr_auth_cert, "
+                      "dr_auth_key and dr_ca_cert (mtls)")

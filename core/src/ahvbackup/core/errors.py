@@ -14,6 +14,7 @@ __all__ = [
     "ApiRateLimitedError",
     "ApiServerError",
     "ConfigError",
+    "CredentialsRefused",
     "DataPathError",
     "ExitCode",
     "HypervisorError",
@@ -103,6 +104,10 @@ class DataPathError(AhvBackupError):
 
 class TransportError(AhvBackupError):
     """The DR channel failed: authentication, framing, connection."""
+
+
+class CredentialsRefused(TransportError):
+    """A DR peer did not prove its credentials, or refused ours: retrying cannot help."""
 
 
 class TargetError(AhvBackupError):

@@ -10,9 +10,12 @@ implements any subset with `@ahvbackup.core.hookimpl` and registers under the
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    from .config import Config
 
 PROJECT = "ahvbackup"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -36,8 +39,9 @@ def ahvbackup_config_fields() -> dict[str, Any]:
 
 
 @hookspec
-def ahvbackup_job_started(job_id: str, mode: str, level: str) -> None:
-    """A job began. `mode` is the configuration's mode; `level` full/incremental/differential."""
+def ahvbackup_job_started(job_id: str, mode: str, level: str, config: Config) -> None:
+    """A job began. `mode` is the configuration's mode; `level` full/incremental/differential;
+    `config` the job's configuration (an exporter reads its own keys there)."""
 
 
 @hookspec
@@ -90,14 +94,28 @@ def ahvbackup_resource_released(kind: str, resource_id: str, owner: str, ok: boo
 def ahvbackup_metric(name: str, value: float, labels: dict[str, str]) -> None:
     """A measurement (bytes, seconds, counts) for exporters such as Prometheus.
 
-    Emitted today (labels in brackets):
+    Emitted today (labels in brackets; exporters add `tenant`, the job's tenant from
+    `Config.tenant`, to the job, VM and disk ones):
     ``disk_bytes_read``, ``disk_bytes_stored``, ``disk_zero_bytes``, ``disk_read_seconds``
     [mode, vm, disk, kind, outcome] per disk backed up;
+    ``disk_chain_depth`` (backups a restore of the disk reads, 1 for a full) and
+    ``disk_incremental_ratio`` (bytes stored over the bytes stored by its chain's full)
+    [mode, vm, disk, kind] per disk backed up;
     ``vm_bytes_read``, ``vm_bytes_stored``, ``vm_seconds`` [mode, vm, outcome] per VM;
     ``vm_last_success_timestamp`` [vm] after each complete backup of a VM;
     ``disk_bytes_restored``, ``disk_bytes_verified``, ``disk_seconds``
     [mode, vm, disk, outcome] per disk restored or verified;
-    ``job_seconds`` [mode, outcome] per job;
+    ``job_seconds`` [mode, outcome] per job, before `job_finished`;
     ``resources_released``, ``resources_left`` [kind] per snapshot, image, volume group or
-    session released or left for the next sweep.
+    session released or left for the next sweep;
+    ``sweep_found`` [] per start-of-job sweep (records a killed job left), then
+    ``sweep_released``, ``sweep_left`` [kind] per record it released or left.
+    Drivers emit theirs through `Hooks.current()`:
+    ``prism_requests`` [endpoint, method, status] per Prism answer (each attempt);
+    ``prism_retries`` [endpoint, method, reason] per retried attempt;
+    ``prism_errors`` [endpoint, method, status] per request that failed for good
+    (`status` is the HTTP status, `connection` or `tls`);
+    ``iscsi_logins`` [outcome] per iSCSI login (first or reconnect);
+    ``iscsi_reconnects`` [] per session reconnected; ``iscsi_attach_failures`` [] per
+    session that could not be set up (login, LUN or capacity).
     """

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from .fsutil import atomic_write_json, ensure_dir, fsync_dir
+from .log import in_phase
 
 if TYPE_CHECKING:
     from .plugins import Hooks
@@ -181,7 +182,8 @@ class ReleaseStack:
 async def release_record(ledger: Ledger, rec: Record, releaser: Releaser) -> bool:
     """Release `rec`, retried with backoff (a delete that meets a 500 or a busy cluster
     usually works a moment later); kept in the ledger for the next sweep if it never does."""
-    with trio.CancelScope(shield=True), trio.move_on_after(RELEASE_TIMEOUT) as scope:
+    with in_phase("cleanup"), trio.CancelScope(shield=True), \
+            trio.move_on_after(RELEASE_TIMEOUT) as scope:
         delay = RELEASE_BACKOFF
         for attempt in range(1, RELEASE_ATTEMPTS + 1):
             try:

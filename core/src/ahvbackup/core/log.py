@@ -19,31 +19,40 @@ __all__ = [
     "BACKEND_UP",
     "BACKUP_COMPLETE",
     "DR_CYCLE_COMPLETE",
+    "LOG_FORMATS",
     "PRISM_DISCOVERY",
     "SELECTED_VMS",
     "TRACE",
     "VERBOSITY",
+    "LogContext",
     "SecretFilter",
     "backend_up",
     "backup_complete",
     "configure_logging",
     "dr_cycle_complete",
     "get_logger",
+    "in_phase",
+    "log_context",
     "mask_secrets",
     "prism_discovery",
     "reset_logging",
     "selected_vms",
+    "set_context",
     "trace",
 ]
 
+import contextlib
+import dataclasses
 import io
 import json
 import logging
 import logging.handlers
 import os
 import sys
+import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +69,61 @@ VERBOSITY = {0: logging.ERROR, 1: logging.INFO, 2: logging.DEBUG, 3: TRACE}
 ROOT = "ahvbackup"
 MASK = "********"
 _FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+LOG_FORMATS = ("text", "json")
+
+
+@dataclasses.dataclass(frozen=True)
+class LogContext:
+    """Where a record comes from, for `log_format=json`: set by the lifecycle hooks
+    (`Hooks.job_started`, `vm_started`, `disk_started`) in the task doing that work."""
+
+    tenant: str = ""
+    job: str = ""
+    vm: str = ""
+    disk: str = ""
+    phase: str = ""
+
+
+_NO_CONTEXT = LogContext()
+_CONTEXT: ContextVar[LogContext | None] = ContextVar("ahvbackup_log_context", default=None)
+
+
+def log_context() -> LogContext:
+    """The context of the current task (and of the tasks and threads it started)."""
+    return _CONTEXT.get() or _NO_CONTEXT
+
+
+def set_context(**changes: str) -> None:
+    """Change fields of the current task's context (its child tasks inherit it)."""
+    _CONTEXT.set(dataclasses.replace(log_context(), **changes))
+
+
+@contextlib.contextmanager
+def in_phase(phase: str) -> Iterator[None]:
+    """`phase` for the records of the block, then the task's phase as before."""
+    token = _CONTEXT.set(dataclasses.replace(log_context(), phase=phase))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, tenant, job, vm, disk, phase, logger, message
+    (and error, a traceback). `SecretFilter` has masked the message and traceback already."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ctx = log_context()
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        line: dict[str, str] = {
+            "time": f"{when}.{int(record.msecs):03d}Z", "level": record.levelname,
+            **dataclasses.asdict(ctx), "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line["error"] = record.exc_text
+        return json.dumps(line, ensure_ascii=False)
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -161,9 +225,10 @@ def reset_logging() -> None:
 
 
 def configure_logging(
-    *, verbose: int, debug_log: Path | None, stderr: bool = True
+    *, verbose: int, debug_log: Path | None, stderr: bool = True, log_format: str = "text"
 ) -> logging.Logger:
-    """Send ``ahvbackup.*`` records at the `verbose` level to stderr and/or `debug_log`.
+    """Send ``ahvbackup.*`` records at the `verbose` level to stderr and/or `debug_log`
+    (as text lines, or JSON lines with `log_format="json"`).
 
     `verbose` outside 0-3 is clamped. `debug_log` is created mode 0600. With
     ``stderr=False`` nothing reaches stderr: other libraries' warnings and Python warnings
@@ -185,7 +250,8 @@ def configure_logging(
                 f"debug_log {debug_log}: cannot open it ({err.strerror or err})"
             ) from err
         fh.quiet = not stderr
-        fh.setFormatter(logging.Formatter(_FILE_FORMAT))
+        fh.setFormatter(_JsonFormatter() if log_format == "json"
+                        else logging.Formatter(_FILE_FORMAT))
         handlers.append(fh)
     if not handlers:
         handlers.append(_QuietNullHandler())
@@ -245,7 +311,8 @@ BACKEND_UP = "ahvbackup {version} started: mode={mode} level={level} vm={vm}"
 PRISM_DISCOVERY = "Prism reached: central={central} cluster={cluster} api={api}"
 SELECTED_VMS = "{count} {noun} selected for {mode}{names}"
 BACKUP_COMPLETE = "VM backed up: vm={vm} disks={disks} bytes={bytes} bytes_read={bytes_read}"
-DR_CYCLE_COMPLETE = "DR cycle pushed: vm={vm} cycle={cycle} bytes_pushed={bytes_pushed}"
+DR_CYCLE_COMPLETE = ("DR cycle complete: vm={vm} point={point} bytes_pushed={bytes_pushed} "
+                     "reconnects={reconnects} lag_seconds={lag_seconds}")
 
 _NAMES_SHOWN = 20
 
@@ -286,6 +353,9 @@ def backup_complete(vm: str, disks: int, bytes_read: int, bytes_stored: int) -> 
                                   bytes_read=bytes_read)
 
 
-def dr_cycle_complete(vm: str, cycle: int, bytes_pushed: int) -> str:
-    """One DR push cycle reached the receiver."""
-    return DR_CYCLE_COMPLETE.format(vm=_v(vm), cycle=cycle, bytes_pushed=bytes_pushed)
+def dr_cycle_complete(vm: str, point: int, bytes_pushed: int, *, reconnects: int = 0,
+                      lag: float = 0.0) -> str:
+    """One DR point is complete on the receiver: the bytes put on the wire for it, the
+    reconnects it took, and the lag (seconds from its snapshot to the commit: the RPO)."""
+    return DR_CYCLE_COMPLETE.format(vm=_v(vm), point=point, bytes_pushed=bytes_pushed,
+                                    reconnects=reconnects, lag_seconds=f"{lag:.1f}")

@@ -39,6 +39,9 @@ class VmInfo:
     app_consistent_capable: bool = False
     #: the VM's configuration as the hypervisor reported it; kept in the backup manifest
     config: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    #: the Prism Central project the VM is in (UUID and name; empty: none or not reported)
+    project_uuid: str = ""
+    project_name: str = ""
 
 
 @dataclass(frozen=True)

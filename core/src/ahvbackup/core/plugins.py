@@ -21,19 +21,25 @@ __all__ = [
     "load_driver",
 ]
 
+import functools
 import os
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any, Literal, cast, overload
+from typing import TYPE_CHECKING, Any, Literal, cast, overload
 
 import pluggy
 from stevedore import driver as sv_driver
 from stevedore import exception as sv_exc
 
 from . import hookspecs
+from . import log as _log
 from .drivers import DataPath, Driver, DrTransport, Hypervisor, RestoreTarget, Sink
 from .errors import PluginError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 AUTOLOAD_ENV = "AHVBACKUP_DISABLE_PLUGIN_AUTOLOAD"
 HOOKS_GROUP = "ahvbackup.hooks"
@@ -239,6 +245,16 @@ class Hooks:
     def register(self, plugin: object, name: str | None = None) -> None:
         self.pm.register(plugin, name=name)
 
+    def plugin_names(self) -> set[str]:
+        """The names the hook plugins are registered under (entry-point names)."""
+        return {name for name, _ in self.pm.list_name_plugin()}
+
+    @staticmethod
+    def current() -> Hooks:
+        """The hooks of the job running in this task (from its `job_started` on), else hooks
+        with no plugins. Drivers, which are not handed the job's hooks, emit `metric` here."""
+        return _RUNNING.get() or _idle_hooks()
+
     # Extension points (collected) ------------------------------------------------------------
     def cli_commands(self) -> list[Any]:
         return [cmd for cmds in self.pm.hook.ahvbackup_cli_commands() for cmd in cmds]
@@ -267,13 +283,16 @@ class Hooks:
         return out
 
     # Lifecycle events (broadcast) --------------------------------------------------------------
-    def job_started(self, *, job_id: str, mode: str, level: str) -> None:
-        self.pm.hook.ahvbackup_job_started(job_id=job_id, mode=mode, level=level)
+    def job_started(self, *, job_id: str, mode: str, level: str, config: Config) -> None:
+        _RUNNING.set(self)  # this task and the tasks it starts: drivers' metrics reach us
+        _log.set_context(job=job_id, phase="job", tenant=config.tenant or "")
+        self.pm.hook.ahvbackup_job_started(job_id=job_id, mode=mode, level=level, config=config)
 
     def job_finished(self, *, job_id: str, ok: bool, failed: list[str], seconds: float) -> None:
         self.pm.hook.ahvbackup_job_finished(job_id=job_id, ok=ok, failed=failed, seconds=seconds)
 
     def vm_started(self, *, job_id: str, vm_uuid: str, vm_name: str) -> None:
+        _log.set_context(vm=vm_name, phase="vm")  # the VM's own task, in a backup
         self.pm.hook.ahvbackup_vm_started(job_id=job_id, vm_uuid=vm_uuid, vm_name=vm_name)
 
     def vm_finished(
@@ -286,6 +305,7 @@ class Hooks:
         )
 
     def disk_started(self, *, job_id: str, vm_name: str, disk: str, size: int) -> None:
+        _log.set_context(vm=vm_name, disk=disk, phase="disk")  # the disk's own task
         self.pm.hook.ahvbackup_disk_started(job_id=job_id, vm_name=vm_name, disk=disk, size=size)
 
     def disk_finished(
@@ -319,3 +339,12 @@ class Hooks:
         """One `metric` per value, all with the same `labels` (docs/plugins.md names them)."""
         for name, value in values.items():
             self.metric(name=name, value=float(value), labels=labels)
+
+
+#: the hooks of the job running in the current task (set by `Hooks.job_started`)
+_RUNNING: ContextVar[Hooks | None] = ContextVar("ahvbackup_running_hooks", default=None)
+
+
+@functools.cache
+def _idle_hooks() -> Hooks:
+    return Hooks(autoload=False)

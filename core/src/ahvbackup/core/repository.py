@@ -5,6 +5,10 @@ Layout::
     <repository>/<vm uuid>/<backup id>/manifest.json
     <repository>/<vm uuid>/<backup id>/<disk label>.ahvd     one disk stream each
 
+A job for a tenant (``tenant=``) is given ``<repository>/tenants/<tenant>`` as its root (see
+`ahvbackup.core.tenancy`): the root is marked with the tenant's name, a root inside another
+tenant's folder is refused, and the ``tenants`` folder is never listed as a VM's.
+
 A backup is written into ``.partial-<backup id>-<pid>`` beside its final place and renamed into
 place only after every stream and the manifest are on disk (fsynced), so an interrupted backup
 never looks complete; the next run removes partial folders whose process is gone.
@@ -38,6 +42,7 @@ from .errors import SinkError
 from .fsutil import atomic_write_bytes, ensure_dir, fsync_dir, io_failure
 from .manifest import Manifest, ManifestError
 from .model import VmInfo
+from .tenancy import TENANTS, check_repository, mark_repository
 
 log = logging.getLogger("ahvbackup.repository")
 
@@ -129,7 +134,11 @@ class DirectorySink(Sink):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
+        tenant: str | None = getattr(config, "tenant", None)  # bare test configs lack it
+        check_repository(Path(config.repository), tenant)
         self.root = ensure_dir(Path(config.repository), key="repository")
+        if tenant:
+            mark_repository(self.root, tenant)
 
     async def begin(self, vm: VmInfo, *, backup_id: str, level: str) -> BackupWriter:
         return _DirectoryBackupWriter(self, vm, backup_id, level)
@@ -156,18 +165,7 @@ class DirectorySink(Sink):
 
     def sweep_partials(self) -> list[Path]:
         """Remove partial backups whose writer process is gone; returns what was removed."""
-        removed = []
-        for old in self.root.glob("*/.replaced-*"):
-            old_id, old_pid = old.name[len(".replaced-"):].rsplit("-", 1)
-            if old_pid.isdigit() and int(old_pid) != os.getpid() and not Path(
-                f"/proc/{old_pid}"
-            ).exists():
-                final = old.with_name(old_id)
-                if final.exists():
-                    shutil.rmtree(old, ignore_errors=True)
-                else:
-                    os.rename(old, final)
-                removed.append(old)
+        removed = self._finish_replacements()
         for doomed in self.root.glob("*/.removing-*"):
             shutil.rmtree(doomed, ignore_errors=True)
             removed.append(doomed)
@@ -187,11 +185,39 @@ class DirectorySink(Sink):
     async def damaged(self, vm: str | None = None) -> list[DamagedBackup]:
         return (await trio.to_thread.run_sync(self._scan, vm)).damaged
 
+    def _finish_replacements(self) -> list[Path]:
+        """A replacement (consolidation) killed between its two renames left the old version
+        aside as `.replaced-<id>-<pid>`: put it back when no new version took its place, else
+        drop it. Listing does this too, so a restore never misses the newest backup."""
+        done = []
+        for old in self.root.glob("*/.replaced-*"):
+            old_id, old_pid = old.name[len(".replaced-"):].rsplit("-", 1)
+            if old_pid.isdigit() and int(old_pid) != os.getpid() and not Path(
+                f"/proc/{old_pid}"
+            ).exists():
+                final = old.with_name(old_id)
+                try:
+                    if final.exists():
+                        shutil.rmtree(old, ignore_errors=True)
+                    else:
+                        os.rename(old, final)
+                except OSError as err:  # a read-only repository: listed as it is
+                    log.warning("repository: cannot put back %s (%s)", old, err.strerror)
+                    continue
+                done.append(old)
+        return done
+
     def _scan(self, vm: str | None) -> Inventory:
         """Every backup folder: complete (its manifest reads and fits its place) or damaged."""
+        self._finish_replacements()
         out = Inventory()
+        own = self.root / safe_name(vm) if vm is not None else None
         try:
-            vm_dirs = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
+            # a VM asked for by uuid is read from its own folder alone: a job asks for each of
+            # its VMs, and reading every VM's manifests each time grows with the square of them
+            # (a manifest copied in from elsewhere does not fit its place there, and is damaged)
+            vm_dirs = [own] if own is not None and own.is_dir() else sorted(
+                p for p in self.root.iterdir() if not p.name.startswith(".") and p.name != TENANTS)
         except OSError as err:
             raise SinkError(f"repository {self.root}: cannot list it ({err.strerror})") from err
         by_id: dict[str, list[StoredBackup]] = {}

@@ -11,11 +11,19 @@ Each check raises `AssertionError` with a message naming the driver and the brok
 
 from __future__ import annotations
 
-__all__ = ["check_driver_class", "check_entry_points", "check_hook_plugin",
-           "check_restore_target"]
+__all__ = [
+    "MakeDrPair",
+    "check_dr_transport",
+    "check_driver_class",
+    "check_entry_points",
+    "check_hook_plugin",
+    "check_restore_target",
+]
 
+import dataclasses
 import inspect
 import random
+import tempfile
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -23,9 +31,19 @@ from typing import Any
 
 import marshmallow
 import pluggy
+import trio
+import trio.testing
 
 from . import hookspecs
-from .drivers import ClusterAccess, Driver, RestoreRequest, RestoreTarget
+from .drivers import (
+    ClusterAccess,
+    Driver,
+    DrTransport,
+    RestoreRequest,
+    RestoreTarget,
+    SourceRange,
+)
+from .errors import TransportError
 from .model import DiskInfo
 from .plugins import DRIVER_KINDS, HOOKS_GROUP, load_driver
 
@@ -96,9 +114,10 @@ async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Ma
                                cluster: ClusterAccess | None = None) -> None:
     """Hold a restore target to its contract (`RestoreTarget`, `VmRestore`, `DiskWriter`).
 
-    - Two disks, one of an odd size, written with data ranges in disk order, zero ranges and
-      ranges never given between them: each disk's location `matches` the exact image,
-      the two locations differ, and `commit` answers.
+    - Two disks, one of an odd size, written with data ranges in disk order (one given with
+      `copy` from a local file), zero ranges and ranges never given between them: each
+      disk's location `matches` the exact image, the two locations differ, and `commit`
+      answers.
     - `abort` after one disk finished and another was half written leaves nothing
       (`leftovers`, by default the files under `dest`), and a second `abort` is harmless.
     - A VM name that climbs out of the destination (``../../x``) still restores inside it.
@@ -122,11 +141,19 @@ async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Ma
         writer = await vm.open_disk(disk, size=size)
         pos = 0
         for kind, length in (("data", 4096), ("zero", 65536), ("data", 512 << 10),
-                             ("skip", 8192), ("zero", 4096), ("data", 512)):
+                             ("copy", 70001), ("skip", 8192), ("zero", 4096), ("data", 512)):
             if kind == "data":
                 chunk = rng.randbytes(length)
                 images[i][pos : pos + length] = chunk
                 await writer.write(pos, memoryview(chunk))
+            elif kind == "copy":  # bytes at an odd place of a local file
+                chunk = rng.randbytes(length)
+                images[i][pos : pos + length] = chunk
+                with tempfile.TemporaryFile() as src:
+                    src.write(b"-" * 1001 + chunk + b"-" * 999)
+                    src.flush()
+                    await writer.copy(pos, SourceRange(fd=src.fileno(), offset=1001,
+                                                       length=length))
             elif kind == "zero":
                 await writer.zero(pos, length)
             pos += length
@@ -155,3 +182,104 @@ async def check_restore_target(target: RestoreTarget, *, dest: Path, matches: Ma
     new = sorted(set(left()) - set(committed))
     assert new == [], f"{label}: abort left {new}"
     assert set(before) <= set(committed), f"{label}: a restore removed what was there before"
+
+
+# DR transports ------------------------------------------------------------------------------
+
+#: ``make_pair(wrong)`` -> (client, server) drivers of one transport. With ``wrong=""`` their
+#: credentials match; with ``"client"`` (or ``"server"``) that side has credentials the other
+#: must refuse, and the other side's are the good ones of ``make_pair("")``
+MakeDrPair = Callable[[str], tuple[DrTransport, DrTransport]]
+
+
+def _at(driver: DrTransport, **changes: object) -> DrTransport:
+    """The same driver with other configuration values (`dr_port`, `dr_host`)."""
+    return type(driver)(dataclasses.replace(driver.config, **changes))  # type: ignore[arg-type]
+
+
+class _Listening:
+    """One `serve` on a free loopback port, handing each authenticated server stream out."""
+
+    def __init__(self, server: DrTransport, nursery: trio.Nursery, host: str) -> None:
+        self.server, self.nursery, self.host = server, nursery, host
+        self.send, self.streams = trio.open_memory_channel[trio.abc.Stream](100)
+        self.port = 0
+        self.handled = 0
+
+    async def start(self) -> _Listening:
+        async def handler(stream: trio.abc.Stream) -> None:
+            self.handled += 1
+            await self.send.send(stream)
+            await trio.sleep_forever()  # the check closes the stream; serve is cancelled at the end
+
+        self.port = await self.nursery.start(
+            lambda task_status: _at(self.server, dr_port=0).serve(
+                handler, host=self.host, task_status=task_status))
+        return self
+
+    def client(self, client: DrTransport) -> DrTransport:
+        return _at(client, dr_host=self.host, dr_port=self.port)
+
+    async def pair(self, client: DrTransport) -> tuple[trio.abc.Stream, trio.abc.Stream]:
+        with trio.fail_after(30):
+            near = await self.client(client).connect()
+            return near, await self.streams.receive()
+
+
+async def check_dr_transport(make_pair: MakeDrPair, *, host: str = "127.0.0.1") -> None:
+    """Hold a DR transport to its contract (`DrTransport`), on real sockets on `host`.
+
+    - `connect` and `serve` give streams that pass `trio.testing.check_two_way_stream`
+      (sending, receiving, closing, cancelling, in both directions at once), and a payload
+      larger than any frame arrives whole.
+    - A client with wrong credentials, and a server with wrong credentials, are each refused
+      on both sides: `connect` raises a `TransportError`, the server's handler never runs,
+      and the listener goes on serving a good client.
+    """
+    good_client, good_server = make_pair("")
+    label = f"DR transport {type(good_client).__qualname__!r}"
+    async with trio.open_nursery() as nursery:
+        listening = await _Listening(good_server, nursery, host).start()
+
+        async def streams() -> tuple[trio.abc.Stream, trio.abc.Stream]:
+            return await listening.pair(good_client)
+
+        await trio.testing.check_two_way_stream(streams, None)
+        near, far = await streams()
+        big = random.Random(5).randbytes((3 << 20) + 17)
+        got = bytearray()
+
+        async def take() -> None:
+            while chunk := await far.receive_some():
+                got.extend(chunk)
+
+        async with trio.open_nursery() as both:
+            both.start_soon(take)
+            await near.send_all(big)
+            await near.aclose()
+        await far.aclose()
+        assert got == big, f"{label}: a {len(big)}-byte payload arrived as {len(got)} bytes"
+
+        for wrong in ("client", "server"):
+            client, server = make_pair(wrong)
+            there = await _Listening(server, nursery, host).start()
+            try:
+                with trio.fail_after(30):
+                    stream = await there.client(client).connect()
+            except TransportError:
+                pass
+            else:
+                await stream.aclose()
+                raise AssertionError(f"{label}: a {wrong} with wrong credentials was not "
+                                     "refused by connect()")
+            await trio.testing.wait_all_tasks_blocked()
+            assert there.handled == 0, \
+                f"{label}: the server ran its handler for a {wrong} with wrong credentials"
+            if wrong == "client":
+                near, far = await there.pair(good_client)
+                await near.send_all(b"after a refusal")
+                assert await far.receive_some() == b"after a refusal", \
+                    f"{label}: the listener stopped serving after refusing a peer"
+                await near.aclose()
+                await far.aclose()
+        nursery.cancel_scope.cancel()

@@ -146,7 +146,7 @@ def _map_nics(shape: VmShape, nets: list[Network], place: ClusterPlace, mapping:
 
 async def _plan(config: Any, request: RestoreRequest, session: HypervisorSession) -> _Plan:
     manifest = request.manifest
-    shape = session.vm_shape(manifest.config) if manifest is not None else VmShape("")
+    shape = request.shape or VmShape("")
     source_cluster = shape.cluster_uuid or (manifest.vm.cluster_uuid if manifest else "")
     source_name = manifest.vm.name if manifest is not None else request.vm_name
     place = _find_place(await session.restore_places(), config.target_cluster, source_cluster)

@@ -4,12 +4,23 @@ The VM and disk names go through `safe_name` and the file is opened with `open_i
 restore never writes outside `dest`, whatever the VM is called or what is planted there.
 
 Zero ranges are holes (punched where the file already had data), so a 100 GiB disk with 1 GiB
-of data costs 1 GiB on the restore host.
+of data costs 1 GiB on the restore host. Ranges the job gives as a `SourceRange` (a local
+repository's plain payloads) are copied in the kernel with `copy_file_range` (a reflink where
+the filesystem shares extents and the offsets line up), never through this process.
 """
 
 from __future__ import annotations
 
-__all__ = ["RawDiskWriter", "RawImage", "RawTarget", "RawVmRestore", "image_parts", "punch_hole"]
+__all__ = [
+    "RawDiskWriter",
+    "RawImage",
+    "RawTarget",
+    "RawVmRestore",
+    "image_parts",
+    "partial_name",
+    "punch_hole",
+    "sweep_partials",
+]
 
 import contextlib
 import ctypes
@@ -26,6 +37,7 @@ from ahvbackup.core.drivers import (
     DiskWriter,
     RestoreRequest,
     RestoreTarget,
+    SourceRange,
     VmRestore,
 )
 from ahvbackup.core.errors import TargetError
@@ -58,9 +70,24 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
         offset += n
 
 
-def image_parts(vm_name: str, label: str) -> tuple[str, str]:
+def image_parts(vm_name: str, label: str, suffix: str = ".raw") -> tuple[str, str]:
     """The image's path below the destination: (VM folder, file name)."""
-    return safe_name(vm_name), f"{safe_name(label)}.raw"
+    return safe_name(vm_name), f"{safe_name(label)}{suffix}"
+
+
+def partial_name(name: str, *, pid: int | None = None) -> str:
+    """The hidden name a file is written under until its VM restore commits; it carries the
+    writing process's id, so `sweep_partials` knows when its writer is gone."""
+    return f".{name}.partial-{os.getpid() if pid is None else pid}"
+
+
+def sweep_partials(folder: Path) -> None:
+    """Remove the partial files (`partial_name`) in `folder` whose writer is no longer alive:
+    what a killed restore left."""
+    for partial in folder.glob(".*.partial-*") if folder.is_dir() else ():
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not owner_alive(int(pid)) and not partial.is_symlink():
+            partial.unlink(missing_ok=True)
 
 
 class RawImage:
@@ -70,6 +97,7 @@ class RawImage:
     def __init__(self, dest: Path, parts: tuple[str, str], size: int | None) -> None:
         flags = os.O_WRONLY if size is None else os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.fd, self.path = open_inside(dest, parts, flags=flags, what="raw target")
+        self.kernel_copied = 0  # bytes `copy` moved with copy_file_range
         try:
             if size is not None:
                 os.ftruncate(self.fd, size)
@@ -86,6 +114,34 @@ class RawImage:
                 offset += n
         except OSError as err:
             raise TargetError(f"raw target: {io_failure(self.path, err)}") from err
+
+    def copy(self, offset: int, source: SourceRange) -> None:
+        """Copy `source` to `offset` in the kernel; falls back to read and write where the
+        kernel cannot (another filesystem on an old kernel)."""
+        src, done = source.offset, 0
+        try:
+            while done < source.length:
+                try:
+                    n = os.copy_file_range(source.fd, self.fd, source.length - done,
+                                           src + done, offset + done)
+                except OSError as err:
+                    if err.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                                         errno.EOPNOTSUPP):
+                        raise
+                    n = 0
+                if n == 0:
+                    break
+                done += n
+                self.kernel_copied += n
+        except OSError as err:
+            raise TargetError(f"raw target: {io_failure(self.path, err)}") from err
+        while done < source.length:
+            piece = os.pread(source.fd, min(source.length - done, 1 << 20), src + done)
+            if not piece:
+                raise TargetError(f"raw target: the source of a copy to {self.path} ended "
+                                  f"{source.length - done} bytes early")
+            self.write_at(offset + done, piece)
+            done += len(piece)
 
     def zero(self, offset: int, length: int) -> None:
         try:
@@ -117,6 +173,9 @@ class RawDiskWriter(DiskWriter):
     async def write(self, offset: int, data: memoryview) -> None:
         await trio.to_thread.run_sync(self.image.write_at, offset, data)
 
+    async def copy(self, offset: int, source: SourceRange) -> None:
+        await trio.to_thread.run_sync(self.image.copy, offset, source)
+
     async def zero(self, offset: int, length: int) -> None:
         await trio.to_thread.run_sync(self.image.zero, offset, length)
 
@@ -137,16 +196,12 @@ class RawVmRestore(VmRestore):
         self.images: list[tuple[RawImage, Path]] = []  # (partial image, its final path)
 
     def sweep(self) -> None:
-        folder = self.dest / safe_name(self.vm_name)
-        for partial in folder.glob(".*.partial-*") if folder.is_dir() else ():
-            pid = partial.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not owner_alive(int(pid)) and not partial.is_symlink():
-                partial.unlink(missing_ok=True)
+        sweep_partials(self.dest / safe_name(self.vm_name))
 
     async def open_disk(self, disk: DiskInfo, *, size: int) -> RawDiskWriter:
         folder, name = image_parts(self.vm_name, disk.label)
-        partial = f".{name}.partial-{os.getpid()}"
-        image = await trio.to_thread.run_sync(RawImage, self.dest, (folder, partial), size)
+        image = await trio.to_thread.run_sync(RawImage, self.dest, (folder, partial_name(name)),
+                                              size)
         final = image.path.with_name(name)
         self.images.append((image, final))
         return RawDiskWriter(image, final)

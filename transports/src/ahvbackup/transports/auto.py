@@ -13,13 +13,13 @@ from __future__ import annotations
 __all__ = ["AutoDataPath"]
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import trio
 
-from ahvbackup.core.drivers import DataPath, DiskReader, HypervisorSession
+from ahvbackup.core.drivers import DataPath, DiskReader, HypervisorSession, VmStage
 from ahvbackup.core.ledger import ReleaseStack
 from ahvbackup.core.model import DiskSnapshot
 
@@ -69,11 +69,45 @@ class AutoDataPath(DataPath):
                                                                              stack=stack))
             yield reader
 
+    @asynccontextmanager
+    async def stage(
+        self, session: HypervisorSession, disks: Sequence[DiskSnapshot], *, stack: ReleaseStack
+    ) -> AsyncIterator[VmStage]:
+        """iSCSI answering: the VM's disks staged together as `iscsi` does (a disk the VM's
+        target does not offer is opened as `open` does); else every disk over rest."""
+        if not await self._iscsi_answers(session):
+            async with self.rest.stage(session, disks, stack=stack) as staged:
+                yield staged
+            return
+        async with self.iscsi.stage(session, disks, stack=stack) as staged:
+            yield _Fallback(staged, self, session)
+
     async def _iscsi_answers(self, session: HypervisorSession) -> bool:
         async with self._deciding:
             if self._use_iscsi is None:
                 self._use_iscsi = await _probe(session)
             return self._use_iscsi
+
+
+class _Fallback(VmStage):
+    """Each staged disk over the VM's iSCSI target; where that target is not offered, over a
+    volume group of the disk's own (as `AutoDataPath.open`), and else over rest."""
+
+    def __init__(self, staged: VmStage, auto: AutoDataPath, session: HypervisorSession) -> None:
+        self._staged, self._auto, self._session = staged, auto, session
+
+    @asynccontextmanager
+    async def open(self, disk: DiskSnapshot, *, stack: ReleaseStack,
+                   ) -> AsyncIterator[DiskReader]:
+        async with AsyncExitStack() as opened:
+            try:
+                reader = await opened.enter_async_context(self._staged.open(disk, stack=stack))
+            except IscsiTargetNotOffered as err:
+                log.debug("data_path=auto: disk %s: the VM's target is not offered (%s); "
+                          "staging the disk on its own", disk.disk.label, err)
+                reader = await opened.enter_async_context(
+                    self._auto.open(self._session, disk, stack=stack))
+            yield reader
 
 
 async def _probe(session: HypervisorSession) -> bool:

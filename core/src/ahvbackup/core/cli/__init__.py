@@ -16,6 +16,7 @@ import click
 
 from .. import __version__
 from ..errors import AhvBackupError, ExitCode
+from ..log import log_context
 from ..plugins import Hooks, installed_plugins
 from .context import Context, emit, pass_context
 
@@ -53,7 +54,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AhvBackupError as err:
-            click.echo(f"ahvbackup: error: {err}", err=True)
+            tenant = log_context().tenant  # a tenant's operator sees which tenant failed
+            click.echo(f"ahvbackup: error: {f'tenant {tenant}: ' if tenant else ''}{err}",
+                       err=True)
             ctx.exit(int(err.exit_code))
         except KeyboardInterrupt:
             click.echo("ahvbackup: interrupted", err=True)
@@ -92,12 +95,14 @@ def plugins(ctx: Context) -> None:
 
 
 from .consolidate import consolidate  # noqa: E402 - they need the group defined above
+from .dr import dr, receiver  # noqa: E402
 from .health import health_check  # noqa: E402
 from .jobs import backup, list_backups  # noqa: E402
 from .report import report  # noqa: E402
 from .restore import restore, verify  # noqa: E402
 
-for _command in (backup, list_backups, restore, verify, consolidate, health_check, report):
+for _command in (backup, list_backups, restore, verify, consolidate, health_check, report,
+                 receiver, dr):
     cli.add_command(_command)
 
 

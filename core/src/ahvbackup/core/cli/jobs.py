@@ -108,18 +108,21 @@ def list_backups(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
     rows: list[dict[str, Any]] = [
         {"backup_id": b.backup_id, "vm": b.vm_name, "vm_uuid": b.vm_uuid, "level": b.level,
          "created": b.created, "disks": list(b.disks), "bytes_stored": b.bytes_stored,
-         "damaged": None}
+         "damaged": None, "tenant": cfg.tenant or ""}
         for b in found
     ]
     # damaged entries are shown, flagged, never hidden (verify --all counts them too)
     rows += [{"backup_id": d.backup_id, "vm": d.vm, "vm_uuid": d.vm, "level": "DAMAGED",
               "created": 0.0, "disks": [], "bytes_stored": 0, "damaged": d.reason,
-              "where": d.where} for d in run_trio(rt.sink.damaged, vm_filter)]
+              "where": d.where, "tenant": cfg.tenant or ""}
+             for d in run_trio(rt.sink.damaged, vm_filter)]
 
     def human(rows: list[dict[str, Any]]) -> str:
+        of = f" of tenant {cfg.tenant}" if cfg.tenant else ""
         if not rows:
-            return "no backups"
-        out = [f"{'BACKUP':<30} {'VM':<20} {'LEVEL':<12} {'CREATED (UTC)':<20} {'DISKS':>5} "
+            return f"no backups{of}"
+        out = [f"backups{of}:"] if of else []
+        out += [f"{'BACKUP':<30} {'VM':<20} {'LEVEL':<12} {'CREATED (UTC)':<20} {'DISKS':>5} "
                f"{'STORED':>15}"]
         for r in rows:
             if r["damaged"]:

@@ -18,7 +18,7 @@ from ..config import DEFAULT_CONFIG_FILE, Config, ConfigSources, ModeView, assem
 from ..config.fields import shorten
 from ..drivers import Sink
 from ..errors import ConfigError, Interrupted
-from ..log import configure_logging
+from ..log import configure_logging, set_context
 from ..plugins import Hooks, load_driver
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -88,7 +88,9 @@ def load_job_config(
     if debug_log is not None and cfg.sources.get("debug_log") == "default" \
             and not debug_log.parent.is_dir():
         debug_log = None  # the Bacula default folder does not exist on this host
-    configure_logging(verbose=cfg.verbose, debug_log=debug_log, stderr=stderr)
+    configure_logging(verbose=cfg.verbose, debug_log=debug_log, stderr=stderr,
+                      log_format=cfg.log_format)
+    set_context(tenant=cfg.tenant or "")  # log records and the error line name the tenant
     return cfg
 
 

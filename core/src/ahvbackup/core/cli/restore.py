@@ -61,15 +61,16 @@ def _finish(ctx: Context, outcomes: list[RestoreOutcome]) -> None:
 @click.option("--dest", type=click.Path(path_type=Path),
               help="Folder for restored disks (default: where= or ./restore).")
 @click.option("--target", "target", metavar="NAME",
-              help="Restore target (target=): raw files, or ahv for a new VM on the cluster "
-                   "(restore_vm_name, target_cluster, target_container, network_map, vcpu, "
-                   "memory_mib, power_on).")
+              help="Restore target (target=): raw files; qcow2, vmdk, vhdx or vhd images "
+                   "(docs/targets.md); or ahv for a new VM on the cluster (restore_vm_name, "
+                   "target_cluster, target_container, network_map, vcpu, memory_mib, "
+                   "power_on).")
 @pass_context
 def restore(ctx: Context, configs: tuple[Path, ...], sets: tuple[str, ...],
             plugin_string: str | None, vm: str | None, backup_id: str | None, at: str | None,
             disks: tuple[str, ...], dest: Path | None, target: str | None) -> None:
     """Rebuild a backup's disks through the restore target (target=raw: sparse raw files;
-    target=ahv: a new VM on an AHV cluster).
+    qcow2, vmdk, vhdx, vhd: disk images for other platforms; ahv: a new VM on an AHV cluster).
 
     Any point of a chain (full + incrementals, or full + differential) restores as it was."""
     when = parse_time(at) if at else None

@@ -28,11 +28,12 @@ from marshmallow import fields as mm_fields
 
 from ..errors import ConfigError
 from ..plugins import DRIVER_KINDS, Hooks, driver_classes, driver_names, load_driver
+from ..tenancy import tenant_config
 from .keys import BY_NAME
 from .loader import load_config
 from .model import Config
 from .modes import MODE_TABLE, ModeView, pick_mode
-from .not_yet import NOT_YET_DRIVERS, refusals
+from .not_yet import NOT_YET_DRIVERS, plugin_refusals, refusals
 
 #: `data_path=auto` picks an installed data path at run time
 _AUTO = {"data_path": "auto"}
@@ -106,10 +107,12 @@ def assemble_config(
         files=list(sources.files), plugin_string=sources.plugin_string,
         overrides=sources.overrides, extra_fields=keys.fields, require=require,
     )
-    problems = [*refusals(config), *_driver_problems(config)]
+    problems = [*refusals(config), *_driver_problems(config), *encryption_refusal(config),
+                *plugin_refusals(config, hooks.plugin_names()),
+                *other_target_key_refusals(config, keys)]
     if problems:
         raise ConfigError("\n".join(problems))
-    config = pick_mode(config, view)
+    config = tenant_config(pick_mode(config, view))  # state and repository of its tenant
     if MODE_TABLE[config.mode].job == "restore":
         problems = vm_key_refusals(config, target_name=str(config.target),
                                    needs_cluster=_needs_cluster(str(config.target)))
@@ -132,6 +135,32 @@ def vm_key_refusals(config: Config, *, target_name: str, needs_cluster: bool) ->
     return [f"{sources[k]}: {k}: shapes the VM a restore creates on a cluster (target=ahv), "
             f"but target={target_name} writes disk images" for k in VM_RESTORE_KEYS
             if sources.get(k, "default") != "default"]
+
+
+def other_target_key_refusals(config: Config, keys: PluginKeys) -> list[str]:
+    """A restore target's own key (`qcow2_compression`) set while another target is chosen
+    would do nothing: one line each. (Data-path keys are not checked: `data_path=auto`, and
+    the ahv target's disk writes, use whichever path answers.)"""
+    namespace = DRIVER_KINDS["target"].namespace
+    chosen = f"{namespace}:{config.target}"
+    out = []
+    for key, owner in keys.owners.items():
+        origin = config.sources.get(key, "default")
+        if origin != "default" and owner.startswith(namespace + ":") and owner != chosen:
+            out.append(f"{origin}: {key}: a key of the {owner.split(':', 1)[1]} target, but "
+                       f"target={config.target}: it would do nothing (unset it or choose "
+                       "that target)")
+    return out
+
+
+def encryption_refusal(config: Config) -> list[str]:
+    """encryption_key works only where streams are encrypted: the directory repository."""
+    if config.encryption_key is None or config.sink == "directory":
+        return []
+    origin = config.sources.get("encryption_key", "configuration")
+    return [f"{origin}: encryption_key: streams are encrypted only in the directory "
+            f"repository; sink={config.sink} does not encrypt (unset encryption_key, or "
+            "encrypt the Bacula volumes)"]
 
 
 def _needs_cluster(target: str) -> bool:

@@ -23,10 +23,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import marshmallow
 from marshmallow import fields as mm_fields
 
+from ..stream.payload import parse_compression
 from .fields import (
     Bool,
     Choice,
@@ -41,6 +43,7 @@ from .fields import (
     PathField,
     SecretField,
     Text,
+    invalid,
 )
 
 WORKING = Path("/opt/bacula/working")
@@ -111,6 +114,34 @@ def _k(name: str, field: ConfigField, default: object, section: str, help: str, 
     return Key(name, field, default, section, help, default_text, ours)
 
 
+class Compression(ConfigField):
+    """`auto`, `none`, `zstd` or `zstd:LEVEL`, loaded in that spelling (`zstd` as `zstd:1`)."""
+
+    kind = "none|zstd[:level]|auto"
+
+    def convert(self, text: str) -> Any:
+        if text.strip().lower() == "auto":
+            return "auto"
+        try:
+            name, level = parse_compression(text)
+        except ValueError as err:
+            raise invalid(f"must be auto, none, zstd or zstd:LEVEL: {err}", text) from None
+        return name if name == "none" else f"{name}:{level}"
+
+
+class TenantName(ConfigField):
+    """A tenant: one folder name under ``tenants/`` (letters, digits, ``.``, ``_``, ``-``)."""
+
+    kind = "name"
+    _pattern = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+    def convert(self, text: str) -> Any:
+        if not self._pattern.fullmatch(text):
+            raise invalid("must be 1-64 letters, digits, '.', '_' or '-', starting with a "
+                          "letter or digit", text)
+        return text
+
+
 _POSITIVE = {"minimum": 1}
 _PORT = {"minimum": 1, "maximum": 65535}
 
@@ -121,7 +152,9 @@ KEYS: tuple[Key, ...] = (
     _k("prism_port", Int(**_PORT), 9440, "connection",
        "Prism Central HTTPS port (or give it as prism_central = host:port)."),
     _k("prism_api_version", Choice(("auto", "v3", "v4")), "auto", "connection",
-       "auto tries v4 first and falls back to v3 (this version speaks v3)."),
+       "auto tries v4 first (version discovery; v4 when its disks are read over iSCSI) and "
+       "falls back to v3, logging which and why; v4 fails in one line against a v3-only "
+       "Prism."),
     _k("user", Text(empty=None), None, "connection",
        "Prism user (must exist in Prism IAM, not only as LDAP pass-through)."),
     _k("password", SecretField(), None, "connection",
@@ -137,6 +170,13 @@ KEYS: tuple[Key, ...] = (
        "VM UUIDs, exact names or glob patterns (prod-*), comma-separated."),
     _k("exclude", Csv(empty=()), (), "selection",
        "Patterns removed after vm= matching, comma-separated."),
+    _k("project", Csv(empty=()), (), "selection",
+       "Prism Central project names or UUIDs, comma-separated: only their VMs are selected "
+       "(vm=, exclude= and cluster= apply within them).", ours=True),
+    _k("tenant", TenantName(empty=None), None, "selection",
+       "The tenant the job runs for: its own state_dir/tenants/<tenant> and repository/"
+       "tenants/<tenant>; other tenants' backups are refused. Default: the project when "
+       "project= names exactly one.", ours=True),
     _k("application_consistent",
        Choice(("true", "try", "false"),
               synonyms={"yes": "true", "on": "true", "1": "true",
@@ -209,6 +249,9 @@ KEYS: tuple[Key, ...] = (
        "0 errors only, 1 normal, 2 debug, 3 trace."),
     _k("debug_log", PathField(empty=None), WORKING / "ahvbackup.log", "logging",
        "Backend log file (created mode 0600); empty for none."),
+    _k("log_format", Choice(("text", "json")), "text", "logging",
+       "Lines of debug_log: text, or json (one object per line: time, level, tenant, job, "
+       "vm, disk, phase, message).", ours=True),
     _k("working_dir", PathField(), WORKING, "logging", "Scratch root for temporary files."),
     _k("state_dir", PathField(), WORKING / "ahvbackup-state", "logging",
        "Persistent state: change-tracking references, seeds, bitmaps."),
@@ -235,6 +278,23 @@ KEYS: tuple[Key, ...] = (
        ours=True),
     _k("keep_days", Int(minimum=0), 0, "ours",
        "Days a backup is kept in the repository; 0 = no age limit.", ours=True),
+    _k("compression", Compression(), "auto", "ours",
+       "Stream payloads: none, zstd or zstd:LEVEL (1-19); auto = zstd:1 in the directory "
+       "repository, none with Bacula (its FileSet compresses).", ours=True),
+    _k("encryption_key", PathField(empty=None), None, "ours",
+       "Key file (64 hex digits, mode 0600; openssl rand -hex 32) that encrypts new streams "
+       "with AES-256-GCM; directory repository only.", ours=True),
+    _k("encryption_old_keys", Csv(empty=()), (), "ours",
+       "Older key files, comma-separated: streams they encrypted still restore after a key "
+       "rotation.", ours=True),
+    _k("metrics_textfile", PathField(empty=None), None, "ours",
+       "Prometheus textfile (node_exporter format) each job writes at its end, atomically; "
+       "needs ahvbackup-metrics (docs/metrics.md).", ours=True),
+    _k("metrics_pushgateway", HostPortField(empty=None), None, "ours",
+       "Prometheus Pushgateway (host:port, plain HTTP) each job pushes to at its end; needs "
+       "ahvbackup-metrics.", ours=True),
+    _k("metrics_port", Int(empty=None, **_PORT), None, "ours",
+       "Port of the long-running receiver's /metrics endpoint.", ours=True),
 )
 
 BY_NAME: dict[str, Key] = {k.name: k for k in KEYS}

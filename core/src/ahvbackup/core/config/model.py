@@ -65,6 +65,8 @@ class Config:
     # backup selection
     vm: tuple[str, ...]
     exclude: tuple[str, ...]
+    project: tuple[str, ...]
+    tenant: str | None
     application_consistent: str
     # data path
     data_path: str
@@ -100,6 +102,7 @@ class Config:
     # logging and scratch
     verbose: int
     debug_log: Path | None
+    log_format: str
     working_dir: Path
     state_dir: Path
     job_cleanup_on_abort: bool
@@ -112,6 +115,12 @@ class Config:
     verify_unchanged_sample: float
     keep_fulls: int
     keep_days: int
+    compression: str
+    encryption_key: Path | None
+    encryption_old_keys: tuple[str, ...]
+    metrics_textfile: Path | None
+    metrics_pushgateway: HostPort | None
+    metrics_port: int | None
     # bookkeeping
     extra: Mapping[str, object]
     sources: Mapping[str, str]

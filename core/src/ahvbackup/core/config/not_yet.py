@@ -8,8 +8,10 @@ issue that will make it work; when that issue lands, its entries leave this tabl
 
 from __future__ import annotations
 
-__all__ = ["NOT_YET", "NOT_YET_DRIVERS", "NotYet", "refusals"]
+__all__ = ["NEEDS_PLUGIN", "NOT_YET", "NOT_YET_DRIVERS", "NotYet", "plugin_refusals",
+           "refusals"]
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from .model import Config
@@ -33,24 +35,15 @@ def _dr(key: str, purpose: str) -> NotYet:
 
 
 NOT_YET: tuple[NotYet, ...] = (
-    NotYet("prism_api_version", "Prism's v4 API (v3 is used today)", 11, values=("v4",)),
-    NotYet("cross_restore", "restoring streams of other hypervisors", 10),
-    _dr("dr_host", "the DR receiver's host"),
-    _dr("dr_port", "the DR receiver's port"),
-    _dr("dr_auth_token", "the DR channel's pre-shared key"),
-    _dr("dr_auth_cert", "the DR channel's mTLS client certificate"),
-    _dr("dr_auth_key", "the DR channel's mTLS client key"),
-    _dr("dr_ca_cert", "the CA that verifies the DR receiver"),
-    _dr("dr_restore_points", "point-in-time images kept on the DR receiver"),
-    _dr("max_bandwidth_mbps", "the DR channel's bandwidth cap"),
-    _dr("push_interval", "the time between DR delta pushes"),
-    _dr("push_apply_remote", "the DR receiver applying deltas as they arrive"),
+    NotYet("cross_restore", "restoring other hypervisors' images through Bacula (restore the "
+           "file, then `ahvbackup import` it)", 10),
+    NotYet("push_apply_remote", "keeping DR deltas unapplied until a failover "
+           "(push_apply_remote=no; DR replication)", 12, values=("False",)),
+    _dr("metrics_port", "the DR receiver's /metrics port"),
 )
 
 #: driver names the reference documents that are not installable yet, and their issue
-NOT_YET_DRIVERS: dict[tuple[str, str], int] = {
-    **{("target", name): 10 for name in ("qcow2", "vmdk", "vhdx", "vhd")},
-}
+NOT_YET_DRIVERS: dict[tuple[str, str], int] = {}
 
 
 def refusals(config: Config) -> list[str]:
@@ -63,4 +56,23 @@ def refusals(config: Config) -> list[str]:
             shown = f"={value}" if entry.values else ""
             out.append(f"{origin}: {entry.key}{shown}: {entry.purpose}: this version does "
                        "not do that yet")
+    return out
+
+
+#: keys a hook plugin carries out: (its entry-point name, the distribution that ships it)
+NEEDS_PLUGIN: dict[str, tuple[str, str]] = {
+    "metrics_textfile": ("metrics", "ahvbackup-metrics"),
+    "metrics_pushgateway": ("metrics", "ahvbackup-metrics"),
+}
+
+
+def plugin_refusals(config: Config, registered: Collection[str]) -> list[str]:
+    """One line per key set in `config` whose hook plugin is not among `registered`."""
+    out = []
+    for key, (plugin, dist) in NEEDS_PLUGIN.items():
+        origin = config.sources.get(key, "default")
+        if origin != "default" and getattr(config, key) is not None \
+                and plugin not in registered:
+            out.append(f"{origin}: {key}: needs the {dist} distribution (pip install {dist}), "
+                       "which is not installed or not loaded")
     return out

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -33,6 +33,7 @@ from ..drivers import (
     HypervisorSession,
     Sink,
     StoredBackup,
+    VmStage,
 )
 from ..errors import AhvBackupError, ApiError, ConfigError, HypervisorError, SinkError, our_errors
 from ..ledger import ReleaseStack
@@ -43,10 +44,12 @@ from ..repository import new_backup_id, stream_name
 from ..state import DiskState, VmState
 from ..stream import MAX_DATA_LENGTH, StreamHeader, StreamReader, Trailer
 from .chain import ChainImage, resolve_chain
+from .codec import stream_codec, stream_keys
 from .concurrency import each_limited
-from .encode import encode_disk
+from .encode import PACK_WINDOW, encode_disk
 from .readahead import Chunk, read_chunks
 from .references import DiskPlan, plan_disk, unreferenced
+from .regions import coalesce
 from .results import DiskResult, JobResult, VmResult
 from .retention import apply_retention
 from .runtime import Runtime, resolve_data_path
@@ -70,10 +73,12 @@ class _VmWork:
 
     session: HypervisorSession
     datapath: DataPath
+    staged: VmStage  # the VM's disks as the data path staged them together
     vm: VmInfo
     snap: VmSnapshot
     writer: BackupWriter
     backup_id: str
+    backups: Mapping[str, StoredBackup]  # the VM's stored backups, for chain depth
 
 
 class BackupJob:
@@ -91,6 +96,7 @@ class BackupJob:
                 f"mode: {self.cfg.mode!r} is not a backup mode (use backup or estimate)"
             )
         self.keeps_chains = load_driver("sink", self.cfg.sink, base=Sink).keeps_chains
+        self.codec = stream_codec(self.cfg)  # refuses encryption_key where it cannot work
         if self.cfg.level != "full" and not self.keeps_chains:
             raise ConfigError(
                 f"level: {self.cfg.level} backups need a sink that keeps chains; the "
@@ -104,7 +110,7 @@ class BackupJob:
         for warning in cfg.warnings:
             log.warning("%s", warning)
         log.info(msgs.backend_up(__version__, mode=cfg.mode, level=cfg.level, vm=",".join(cfg.vm)))
-        rt.hooks.job_started(job_id=rt.job_id, mode=cfg.mode, level=cfg.level)
+        rt.hooks.job_started(job_id=rt.job_id, mode=cfg.mode, level=cfg.level, config=cfg)
         try:
             async with rt.hypervisor.connect() as session:
                 log.info("%s", await session.discover())
@@ -112,7 +118,7 @@ class BackupJob:
                     await rt.sweep(session)
                 vms, warnings = select_vms(
                     await session.list_vms(), include=cfg.vm, exclude=cfg.exclude,
-                    cluster=cfg.cluster,
+                    cluster=cfg.cluster, project=cfg.project,
                 )
                 for w in warnings:
                     log.warning("%s", w)
@@ -127,11 +133,12 @@ class BackupJob:
                                    lambda pair: self._vm(session, datapath, *pair))
         finally:
             result.seconds = time.monotonic() - started
+            # before job_finished: an exporter writes its output there
+            rt.hooks.measure({"mode": cfg.mode, "outcome": "ok" if result.ok else "failed"},
+                             job_seconds=result.seconds)
             rt.hooks.job_finished(
                 job_id=rt.job_id, ok=result.ok, failed=result.failed, seconds=result.seconds
             )
-            rt.hooks.measure({"mode": cfg.mode, "outcome": "ok" if result.ok else "failed"},
-                             job_seconds=result.seconds)
         return result
 
     async def _vm(
@@ -227,13 +234,16 @@ class BackupJob:
             assert datapath is not None
             writer = await rt.sink.begin(vm, backup_id=backup_id, level=cfg.level)
             try:
-                work = _VmWork(session=session, datapath=datapath, vm=vm, snap=snap,
-                               writer=writer, backup_id=backup_id)
                 vr.disks = [DiskResult(label=d.disk.label, size=d.size) for d in wanted]
-                # in disk order, at most concurrent_disks at once
-                await each_limited(
-                    zip(wanted, vr.disks, strict=True), cfg.concurrent_disks,
-                    lambda pair: self._disk(work, pair[0], plans[pair[0].disk.uuid], pair[1]))
+                async with datapath.stage(session, wanted, stack=stack) as staged:
+                    work = _VmWork(session=session, datapath=datapath, staged=staged, vm=vm,
+                                   snap=snap, writer=writer, backup_id=backup_id,
+                                   backups=backups)
+                    # in disk order, at most concurrent_disks at once
+                    await each_limited(
+                        zip(wanted, vr.disks, strict=True), cfg.concurrent_disks,
+                        lambda pair: self._disk(work, pair[0], plans[pair[0].disk.uuid],
+                                                pair[1]))
                 _all_disks_ok(vr)
                 for dr in vr.disks:
                     vr.warnings += dr.warnings
@@ -367,7 +377,7 @@ class BackupJob:
         """The region map for `plan`; a reference the cluster no longer has turns it into a
         full (asked before any data moves, so the stream's kind is known up front)."""
         if plan.kind == "full":
-            return plan, _coalesce(session.regions(disk), disk)
+            return plan, coalesce(session.regions(disk), label=disk.disk.label, size=disk.size)
         it = aiter(session.regions(disk, reference=plan.reference_handle))
         try:
             first = await anext(it, None)
@@ -377,8 +387,9 @@ class BackupJob:
             why = (f"VM {vm.name} disk {disk.disk.label}: reference snapshot "
                    f"{plan.reference_snapshot_id} is gone on the cluster ({err}); "
                    "reading it in full")
-            return plan.full(why), _coalesce(session.regions(disk), disk)
-        return plan, _coalesce(_prepend(first, it), disk)
+            return plan.full(why), coalesce(session.regions(disk), label=disk.disk.label,
+                                            size=disk.size)
+        return plan, coalesce(_prepend(first, it), label=disk.disk.label, size=disk.size)
 
     async def _disk(self, w: _VmWork, disk: DiskSnapshot, plan: DiskPlan,
                     dr: DiskResult) -> None:
@@ -397,7 +408,7 @@ class BackupJob:
                 rt.ledger, owner=rt.job_id, releaser=session.release
             ) as stack:
                 t0 = time.monotonic()
-                async with w.datapath.open(session, disk, stack=stack) as reader:
+                async with w.staged.open(disk, stack=stack) as reader:
                     t1 = time.monotonic()
                     changed: list[tuple[int, int]] = []
                     dr.bytes_stored = await self._stream_disk(
@@ -429,6 +440,11 @@ class BackupJob:
             disk_bytes_read=dr.bytes_read, disk_bytes_stored=dr.bytes_stored,
             disk_zero_bytes=dr.zero_bytes, disk_read_seconds=dr.read_seconds,
         )
+        shape = _chain_shape(w.backups, plan, dr) if dr.ok else None
+        if shape is not None:
+            rt.hooks.measure({"mode": self.cfg.mode, "vm": vm.name, "disk": dr.label,
+                              "kind": dr.kind}, disk_chain_depth=shape[0],
+                             disk_incremental_ratio=shape[1])
 
     async def _trust_check(
         self, vm: VmInfo, disk: DiskSnapshot, plan: DiskPlan, reader: DiskReader,
@@ -452,7 +468,8 @@ class BackupJob:
         sample = sorted(random.sample(pieces, min(count, len(pieces))))
         backups = {b.backup_id: b for b in await self.rt.sink.backups(vm.uuid)}
         links = resolve_chain(backups, plan.reference_backup, plan.reference_entry)
-        image = await trio.to_thread.run_sync(ChainImage, self.rt.sink, links)
+        image = await trio.to_thread.run_sync(ChainImage, self.rt.sink, links,
+                                             False, stream_keys(self.cfg))
         mismatched = []
         try:
             for off, n in sample:
@@ -518,10 +535,13 @@ class BackupJob:
             nursery.start_soon(
                 lambda: read_chunks(
                     reader, regions, chunk_size=chunk_size, inflight=inflight,
-                    out=chunks_send, spare=2,
+                    # the encoder holds the chunks it compresses ahead, plus the one going out
+                    # and the one being written: fewer spare buffers would deadlock it
+                    out=chunks_send, spare=PACK_WINDOW + 2,
                 )
             )
-            nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk, on_end)
+            nursery.start_soon(encode_disk, header, chunks_recv, bytes_send, on_chunk, on_end,
+                               self.codec)
             stored = await w.writer.write_disk(dr.label, _iterate(bytes_recv))
         return stored
 
@@ -572,36 +592,6 @@ async def _prepend(first: Region | None, rest: AsyncIterator[Region]) -> AsyncIt
             yield r
 
 
-async def _coalesce(regions: AsyncIterator[Region], disk: DiskSnapshot) -> AsyncIterator[Region]:
-    """Merge touching regions of the same type (the read-ahead splits at chunk boundaries).
-
-    The hypervisor's map is checked first: a region that goes backwards, overlaps, has a
-    negative extent or lies past the disk's end would store a disk with bytes missing or
-    misplaced, so it fails the disk, naming the region."""
-    pending: Region | None = None
-    end = 0
-    async for r in regions:
-        problem = ("has a negative offset or length" if r.offset < 0 or r.length < 0
-                   else f"starts before the previous region's end ({end})" if r.offset < end
-                   else f"ends past the disk's end ({disk.size})" if r.end > disk.size
-                   else "")
-        if problem:
-            raise HypervisorError(
-                f"disk {disk.disk.label}: the hypervisor's region map is wrong: region at "
-                f"{r.offset} (+{r.length}) {problem}; this disk cannot be backed up from it")
-        if r.length == 0:
-            continue
-        end = r.end
-        if pending is not None and pending.end == r.offset and pending.zero == r.zero:
-            pending = Region(pending.offset, pending.length + r.length, r.zero)
-            continue
-        if pending is not None:
-            yield pending
-        pending = r
-    if pending is not None:
-        yield pending
-
-
 async def _noting(
     regions: AsyncIterator[Region], into: list[tuple[int, int]]
 ) -> AsyncIterator[Region]:
@@ -620,6 +610,20 @@ async def _iterate(
     async with recv:
         async for item in recv:
             yield item
+
+
+def _chain_shape(
+    backups: Mapping[str, StoredBackup], plan: DiskPlan, dr: DiskResult
+) -> tuple[int, float] | None:
+    """(backups a restore of this disk reads, its bytes stored over its full's): (1, 1.0)
+    for a full; None when the reference's own chain does not resolve (restore says why)."""
+    if dr.kind == "full" or plan.reference_backup is None or plan.reference_entry is None:
+        return 1, 1.0
+    try:
+        links = resolve_chain(backups, plan.reference_backup, plan.reference_entry)
+    except AhvBackupError:
+        return None
+    return len(links) + 1, dr.bytes_stored / max(1, links[0].entry.bytes_stored)
 
 
 class _VmFailed(AhvBackupError):

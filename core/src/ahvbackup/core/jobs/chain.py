@@ -6,25 +6,34 @@ the chain is planned before anything is written: every stream is indexed (record
 and walking from the newest link to the oldest each byte range is taken from the newest record
 that covers it. Each output range is then written once, in disk order, and each record's payload
 is read at most once (checked against its checksum as it is read).
+
+When a link is a local file and its payloads are plain (not compressed, not encrypted), a
+range is handed to the writer as a `SourceRange` of that file after its record was checked, so
+a file target can copy it in the kernel instead of taking the bytes through this process.
 """
 
 from __future__ import annotations
 
-__all__ = ["ChainImage", "Link", "bind_stream", "resolve_chain"]
+__all__ = ["ChainImage", "Link", "Written", "bind_stream", "resolve_chain"]
 
 import bisect
 import heapq
+import io
+import logging
+import os
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from ..drivers import Sink, StoredBackup
+from ..drivers import Sink, SourceRange, StoredBackup
 from ..errors import SinkError, StreamFormatError
 from ..manifest import DiskEntry
-from ..stream import DATA, IndexEntry, StreamHeader, StreamIndex, Trailer, index_stream
+from ..stream import DATA, IndexEntry, Keyring, StreamHeader, StreamIndex, Trailer, index_stream
 
 Progress = Callable[[int], None]
+log = logging.getLogger("ahvbackup.restore")
 
 
 class RangeWriter(Protocol):
@@ -33,6 +42,27 @@ class RangeWriter(Protocol):
     def write_at(self, offset: int, data: memoryview) -> None: ...
 
     def zero(self, offset: int, length: int) -> None: ...
+
+    def copy(self, offset: int, source: SourceRange) -> None: ...
+
+
+@dataclass(frozen=True)
+class Written:
+    """What `ChainImage.write_to` gave: data bytes (`copied` of them as `SourceRange`s) and
+    zero bytes."""
+
+    data: int
+    zero: int
+    copied: int
+
+
+def _local_fd(f: BinaryIO) -> int | None:
+    """The descriptor of a local regular file, else None (a pipe, a socket, a Bacula stream)."""
+    try:
+        fd = f.fileno()
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (OSError, io.UnsupportedOperation):
+        return None
 
 
 @dataclass(frozen=True)
@@ -165,7 +195,8 @@ class ChainImage:
     Opening indexes every link and checks that each delta names the stream below it; with
     `verify` every link is read completely and its digest checked (for `verify` runs)."""
 
-    def __init__(self, sink: Sink, links: Sequence[Link], *, verify: bool = False) -> None:
+    def __init__(self, sink: Sink, links: Sequence[Link], verify: bool = False,
+                 keys: Keyring | None = None) -> None:
         self.links = list(links)
         self._stack = ExitStack()
         self.files: list[BinaryIO] = []
@@ -175,11 +206,14 @@ class ChainImage:
             for link in self.links:
                 f = self._stack.enter_context(sink.open_stream(link.backup, link.label))
                 try:
-                    index = index_stream(f, name=link.name, verify=verify)
+                    index = index_stream(f, name=link.name, verify=verify, keys=keys)
                 except StreamFormatError as err:
                     raise StreamFormatError(f"chain link damaged: {err}") from err
                 if verify:
                     f.seek(0)
+                    if index.trailer is not None and index.trailer.unchecked:
+                        log.warning("%s: verified without its key: %s", link.name,
+                                    index.trailer.unchecked)
                 self.files.append(f)
                 self.indexes.append(index)
                 self.entries.append(list(index))
@@ -189,7 +223,10 @@ class ChainImage:
             self._stack.close()
             raise
         self._starts = [p[0] for p in self.pieces]
-        self._cache: list[tuple[int, memoryview] | None] = [None] * len(self.links)
+        # (record number, its payload, where that payload starts in the link's file)
+        self._cache: list[tuple[int, memoryview, int] | None] = [None] * len(self.links)
+        self._fds = [_local_fd(f) if index.header.encryption == "none" else None
+                     for f, index in zip(self.files, self.indexes, strict=True)]
         self._bufs: list[bytearray] = [bytearray() for _ in self.links]
 
     @property
@@ -226,17 +263,29 @@ class ChainImage:
                 )
 
     def _payload(self, li: int, ri: int) -> memoryview:
+        return self._checked(li, ri)[1]
+
+    def _checked(self, li: int, ri: int) -> tuple[int, memoryview, int]:
+        """The record read and checked (header and payload checksum), cached per link."""
         cached = self._cache[li]
         if cached is not None and cached[0] == ri:
-            return cached[1]
+            return cached
         entry = self.entries[li][ri]
         if len(self._bufs[li]) < entry.length:
             self._bufs[li] = bytearray(entry.length)
-        view = self.indexes[li].read(
-            self.files[li], entry, into=self._bufs[li]  # type: ignore[arg-type]
-        )
-        self._cache[li] = (ri, view)
-        return view
+        f = self.files[li]
+        view = self.indexes[li].read(f, entry, into=self._bufs[li])  # type: ignore[arg-type]
+        start = f.tell() - (entry.stored or entry.length)  # read() ends at the payload's end
+        self._cache[li] = cached = (ri, view, start)
+        return cached
+
+    def _source(self, li: int, ri: int, rel: int, length: int) -> SourceRange | None:
+        """The checked bytes as a range of the link's file, when they sit there as they are."""
+        fd, entry = self._fds[li], self.entries[li][ri]
+        if fd is None or entry.flags or (entry.stored and entry.stored != entry.length):
+            return None
+        _, _, start = self._checked(li, ri)
+        return SourceRange(fd=fd, offset=start + rel, length=length)
 
     def ranges(self) -> Iterator[tuple[int, int, memoryview | None]]:
         """(offset, length, data or None for zeros) in disk order; gaps read as zeros.
@@ -249,20 +298,26 @@ class ChainImage:
             rel = off - entry.offset
             yield off, length, self._payload(li, ri)[rel : rel + length]
 
-    def write_to(self, writer: RangeWriter, progress: Progress = lambda n: None
-                 ) -> tuple[int, int]:
-        """Write the image into `writer` once per range, in disk order; returns
-        (data bytes, zero bytes)."""
-        data = zero = 0
-        for off, length, view in self.ranges():
-            if view is None:
+    def write_to(self, writer: RangeWriter, progress: Progress = lambda n: None,
+                 *, kernel_copy: bool = True) -> Written:
+        """Write the image into `writer` once per range, in disk order: plain payloads of local
+        files as `SourceRange`s (unless not `kernel_copy`), the others as bytes."""
+        data = zero = copied = 0
+        for off, length, li, ri in self.pieces:
+            entry = self.entries[li][ri]
+            rel = off - entry.offset
+            if entry.kind != DATA:
                 writer.zero(off, length)
                 zero += length
+            elif kernel_copy and (source := self._source(li, ri, rel, length)) is not None:
+                writer.copy(off, source)
+                data += length
+                copied += length
             else:
-                writer.write_at(off, view)
+                writer.write_at(off, self._payload(li, ri)[rel : rel + length])
                 data += length
             progress(length)
-        return data, zero
+        return Written(data=data, zero=zero, copied=copied)
 
     def read(self, offset: int, length: int) -> bytes:
         """The image's bytes at [offset, offset+length)."""

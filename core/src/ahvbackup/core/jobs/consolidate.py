@@ -26,6 +26,7 @@ from ..manifest import DiskEntry
 from ..model import VmInfo
 from ..stream import Encoder, StreamHeader, StreamReader
 from .chain import ChainImage, Link, resolve_chain
+from .codec import stream_codec, stream_keys
 from .retention import needed, state_roots
 from .runtime import Runtime
 
@@ -60,6 +61,7 @@ class ConsolidateJob:
     async def run(self) -> ConsolidateOutcome:
         started = time.monotonic()
         rt, backup = self.rt, self.backup
+        rt.sweep_repository()  # a consolidation killed between its renames is finished first
         out = ConsolidateOutcome(backup_id=backup.backup_id, vm_name=backup.vm_name)
         by_id = {b.backup_id: b for b in await rt.sink.backups(backup.vm_uuid)}
         entries = backup.manifest.streams
@@ -108,8 +110,10 @@ class ConsolidateJob:
         token = trio.lowlevel.current_trio_token()
         tip = links[-1]
 
+        codec, keys = stream_codec(self.rt.config), stream_keys(self.rt.config)
+
         def produce() -> None:
-            with ChainImage(self.rt.sink, links) as image:
+            with ChainImage(self.rt.sink, links, keys=keys) as image:
                 h = image.tip.header
                 header = StreamHeader(
                     kind="full", vm_uuid=h.vm_uuid, vm_name=h.vm_name, disk_uuid=h.disk_uuid,
@@ -119,7 +123,7 @@ class ConsolidateJob:
                     extra={"synthetic": True,
                            "consolidated_from": [link.backup.backup_id for link in links]},
                 )
-                enc = Encoder(header)
+                enc = Encoder(header, codec)  # a synthetic full is stored like a new one
 
                 def put(b: bytes) -> None:
                     trio.from_thread.run(send.send, b, trio_token=token)
@@ -154,8 +158,10 @@ class ConsolidateJob:
         """Read the new stream back in full (digest included) and compare it, range by range,
         with the chain it replaces."""
         label = links[-1].label
-        with writer.open_written(label) as f, ChainImage(self.rt.sink, links) as old:
-            reader = StreamReader(f, name=f"{self.backup.vm_name}/{label} (consolidated)")
+        keys = stream_keys(self.rt.config)
+        with writer.open_written(label) as f, ChainImage(self.rt.sink, links, keys=keys) as old:
+            reader = StreamReader(f, name=f"{self.backup.vm_name}/{label} (consolidated)",
+                                  keys=keys)
             expected = old.ranges()
             for rec in reader:
                 want = next(expected, None)

@@ -19,6 +19,12 @@ from ..drivers import DiskReader
 from ..errors import AhvBackupError, DataPathError
 from ..model import Region
 
+#: a disk's buffers: several disks are read at once, each holding its pool for the whole disk
+POOL_BYTES = 24 << 20
+#: buffers however large the chunks: a compressing encoder holds up to four (two being
+#: packed, one going out, one written), and two more keep reads going
+MIN_BUFFERS = 6
+
 
 class BufferPool:
     """`count` buffers of `size` bytes; `acquire` waits for a free one."""
@@ -118,9 +124,13 @@ async def read_chunks(
 
     At most `inflight` reads run at once. The consumer calls `Chunk.release()` when done with
     a chunk's data; `spare` more buffers cover the chunks it holds (in `out` and in hand).
+    The pool holds at most `POOL_BYTES` (but `MIN_BUFFERS` chunks at least): large chunks mean
+    fewer reads in flight, not more memory, as each read is already long.
     """
     error: BaseException | None = None
-    pool = BufferPool(size=chunk_size, count=inflight + spare)
+    count = max(MIN_BUFFERS, spare + 1, min(inflight + spare, POOL_BYTES // chunk_size))
+    inflight = min(inflight, count - spare)
+    pool = BufferPool(size=chunk_size, count=count)
     async with out, trio.open_nursery() as nursery:
         send, recv = trio.open_memory_channel[Chunk](max(0, inflight - 1))
         nursery.start_soon(_start, reader, regions, chunk_size, pool, nursery, send)

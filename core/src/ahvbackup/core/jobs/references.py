@@ -3,8 +3,8 @@
 Incremental and differential backups read the changes against a reference snapshot kept on the
 cluster from an earlier backup (the state names it). Whenever that cannot work for one disk (no
 state, the disk is new, it was resized, the reference snapshot or its backup is gone, the trust
-check failed last time) that disk alone is read in full, with a warning that names the cause;
-the job goes on.
+check failed last time, the reference was taken through another API than today's) that disk
+alone is read in full, with a warning that names the cause; the job goes on.
 
 After a successful backup its snapshot becomes the reference (it leaves the cleanup ledger so it
 is not released), and every snapshot the new state no longer names is deleted. The old ones are
@@ -14,7 +14,7 @@ swept by the next run; on any failure the old state and its snapshots stay as th
 
 from __future__ import annotations
 
-__all__ = ["DiskPlan", "plan_disk", "unreferenced"]
+__all__ = ["DiskPlan", "handle_api", "plan_disk", "unreferenced"]
 
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -69,6 +69,12 @@ def plan_disk(
     if not snap_id or not handle:
         return DiskPlan(kind="full", warning=f"{who}: no reference snapshot is recorded; "
                                              "reading it in full")
+    if handle_api(handle) != handle_api(disk.handle):
+        return DiskPlan(kind="full", warning=(
+            f"{who}: reference snapshot {snap_id} was taken through "
+            f"{handle_api(handle) or 'the original API'} and this one through "
+            f"{handle_api(disk.handle) or 'the original API'}, which cannot compare them; "
+            "reading it in full"))
     ref = backups.get(backup_id)
     entry = ref.manifest.disk(uuid=disk.disk.uuid) if ref is not None else None
     if ref is None or entry is None:
@@ -77,6 +83,13 @@ def plan_disk(
             "reading it in full"))
     return DiskPlan(kind=level, reference=prev, reference_handle=handle,
                     reference_snapshot_id=snap_id, reference_backup=ref, reference_entry=entry)
+
+
+def handle_api(handle: str) -> str:
+    """The API a disk handle names by its ``<api>:`` prefix (AHV: ``v4:`` for a v4 disk
+    recovery point), or "" for a handle without one (the API the driver started with)."""
+    head, sep, _ = handle.partition(":")
+    return head if sep and head.isalnum() and not head.isdigit() else ""
 
 
 def unreferenced(old: VmState | None, new: VmState) -> set[str]:

@@ -18,10 +18,10 @@ __all__ = [
     "parse_time",
     "pick_backup",
     "refuse_vm_keys",
+    "restore_request",
     "select_disks",
 ]
 
-import contextlib
 import datetime
 import functools
 import logging
@@ -36,19 +36,21 @@ import trio
 from ..config.assembly import vm_key_refusals
 from ..containment import safe_name
 from ..drivers import (
-    ClusterAccess,
     DiskWriter,
+    Hypervisor,
     RestoreRequest,
     RestoreTarget,
+    SourceRange,
     StoredBackup,
     VmRestore,
 )
 from ..errors import AhvBackupError, ConfigError, StreamFormatError, our_errors
-from ..ledger import ReleaseStack
-from ..manifest import DiskEntry
+from ..manifest import DiskEntry, Manifest
 from ..model import DiskInfo
 from ..stream import StreamReader, Trailer
 from .chain import ChainImage, Link, bind_stream, resolve_chain
+from .cluster import cluster_for
+from .codec import stream_keys
 from .concurrency import each_limited
 from .runtime import Runtime
 
@@ -64,6 +66,7 @@ class DiskOutcome:
     size: int = 0
     data_bytes: int = 0
     zero_bytes: int = 0
+    copied_bytes: int = 0  # of data_bytes, given to the target as ranges of a local file
     digest: str = ""
     path: str = ""
     error: str | None = None
@@ -162,6 +165,9 @@ class _Bridge:
     def zero(self, offset: int, length: int) -> None:
         trio.from_thread.run(self._writer.zero, offset, length, trio_token=self._token)
 
+    def copy(self, offset: int, source: SourceRange) -> None:
+        trio.from_thread.run(self._writer.copy, offset, source, trio_token=self._token)
+
     def finish(self) -> str:
         return trio.from_thread.run(self._writer.finish, trio_token=self._token)
 
@@ -174,7 +180,7 @@ def _apply_chain(rt: Runtime, links: list[Link], opener: Opener | None, outcome:
                  progress: Progress) -> None:
     """Rebuild one disk from its chain (blocking: runs in a worker thread), or check the chain
     completely when there is no writer."""
-    with ChainImage(rt.sink, links, verify=opener is None) as image:
+    with ChainImage(rt.sink, links, verify=opener is None, keys=stream_keys(rt.config)) as image:
         outcome.size = image.size
         trailer = image.tip.trailer
         assert trailer is not None
@@ -185,7 +191,9 @@ def _apply_chain(rt: Runtime, links: list[Link], opener: Opener | None, outcome:
             progress(outcome.size)
         else:
             writer = opener(outcome.size)
-            outcome.data_bytes, outcome.zero_bytes = image.write_to(writer, progress)
+            written = image.write_to(writer, progress)
+            outcome.data_bytes, outcome.zero_bytes = written.data, written.zero
+            outcome.copied_bytes = written.copied
             outcome.path = writer.finish()
     outcome.ok = True
 
@@ -199,13 +207,14 @@ def _apply(rt: Runtime, link: Link, opener: Opener | None, outcome: DiskOutcome,
     """Read one stream (blocking: runs in a worker thread) into the writer, or just check it.
     Its digest is checked at the end; a failure then makes the job abort the VM's restore."""
     with rt.sink.open_stream(link.backup, link.label) as f:
-        reader = StreamReader(f, name=f"{link.backup.vm_name}/{link.label}")
+        reader = StreamReader(f, name=f"{link.backup.vm_name}/{link.label}",
+                              keys=stream_keys(rt.config), keyless=opener is None)
         bind_stream(link, reader.header)
         outcome.size = reader.header.disk_size
         writer = opener(outcome.size) if opener is not None else None
         for rec in reader:
-            if rec.data is not None:
-                if writer is not None:
+            if rec.kind == "data":  # without its data when verified without the key
+                if writer is not None and rec.data is not None:
                     writer.write_at(rec.offset, rec.data)
                 outcome.data_bytes += rec.length
             else:
@@ -217,6 +226,8 @@ def _apply(rt: Runtime, link: Link, opener: Opener | None, outcome: DiskOutcome,
         assert trailer is not None
         bind_stream(link, reader.header, trailer)
         outcome.digest = trailer.digest_hex
+        if trailer.unchecked:
+            log.warning("%s: verified without its key: %s", link.name, trailer.unchecked)
         if writer is not None:
             outcome.path = writer.finish()
     outcome.ok = True
@@ -265,7 +276,7 @@ class _StreamJob:
         out = RestoreOutcome(backup_id=self.backup.backup_id, vm_name=self.backup.vm_name,
                              mode=self.mode, level=self.backup.level)
         hooks, job_id, b = self.rt.hooks, self.rt.job_id, self.backup
-        hooks.job_started(job_id=job_id, mode=self.mode, level=b.level)
+        hooks.job_started(job_id=job_id, mode=self.mode, level=b.level, config=self.rt.config)
         hooks.vm_started(job_id=job_id, vm_uuid=b.vm_uuid, vm_name=b.vm_name)
         try:
             self.by_id = {x.backup_id: x for x in await self.rt.sink.backups(b.vm_uuid)}
@@ -276,9 +287,9 @@ class _StreamJob:
             errors = "; ".join(d.error for d in out.disks if d.error) or None
             hooks.vm_finished(job_id=job_id, vm_uuid=b.vm_uuid, vm_name=b.vm_name, ok=out.ok,
                               bytes_stored=0, error=errors)
-            hooks.job_finished(job_id=job_id, ok=out.ok, failed=out.failed, seconds=out.seconds)
             hooks.measure({"mode": self.mode, "outcome": "ok" if out.ok else "failed"},
-                          job_seconds=out.seconds)
+                          job_seconds=out.seconds)  # before job_finished: exporters write then
+            hooks.job_finished(job_id=job_id, ok=out.ok, failed=out.failed, seconds=out.seconds)
         return out
 
     async def _disks(self, out: RestoreOutcome, vm: VmRestore | None = None) -> None:
@@ -339,6 +350,14 @@ class _StreamJob:
             log.error("%s %s: %s", self.backup.vm_name, entry.label, outcome.error)
 
 
+def restore_request(hypervisor: Hypervisor, *, vm_name: str, dest: Path,
+                    manifest: Manifest | None) -> RestoreRequest:
+    """What a target is told of the VM it restores: the VM's shape is read from the
+    manifest's recorded configuration by the hypervisor driver that recorded it."""
+    shape = hypervisor.vm_shape(manifest.config) if manifest is not None else None
+    return RestoreRequest(vm_name=vm_name, dest=dest, manifest=manifest, shape=shape)
+
+
 class RestoreJob(_StreamJob):
     """Rebuild the disks of one backup as a VM through a restore target (raw files by default).
 
@@ -355,17 +374,9 @@ class RestoreJob(_StreamJob):
         refuse_vm_keys(self.target)
 
     async def _disks(self, out: RestoreOutcome, vm: VmRestore | None = None) -> None:
-        async with contextlib.AsyncExitStack() as scope:
-            cluster = None
-            if self.target.needs_cluster:
-                session = await scope.enter_async_context(self.rt.hypervisor.connect())
-                if self.rt.config.job_cleanup_on_abort:  # what a killed restore left
-                    await self.rt.sweep(session)
-                stack = await scope.enter_async_context(ReleaseStack(
-                    self.rt.ledger, owner=self.rt.job_id, releaser=session.release))
-                cluster = ClusterAccess(session=session, stack=stack)
-            request = RestoreRequest(vm_name=self.backup.vm_name, dest=self.dest,
-                                     manifest=self.backup.manifest)
+        async with cluster_for(self.rt, self.target) as cluster:
+            request = restore_request(self.rt.hypervisor, vm_name=self.backup.vm_name,
+                                      dest=self.dest, manifest=self.backup.manifest)
             restoring = await self.target.begin_vm(request, cluster=cluster)
             try:
                 await super()._disks(out, restoring)

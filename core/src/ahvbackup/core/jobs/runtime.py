@@ -49,15 +49,25 @@ class Runtime:
         """Release what killed jobs left behind; returns what could not be released."""
         left = []
         orphans = self.ledger.orphans()
+        self.hooks.metric(name="sweep_found", value=len(orphans), labels={})
         if orphans:
             log.warning("cleaning up %d resource(s) left by an interrupted job", len(orphans))
         for rec in reversed(orphans):
             log.info("releasing leftover %s", rec.describe())
-            if not await release_record(self.ledger, rec, session.release):
+            ok = await release_record(self.ledger, rec, session.release)
+            self.hooks.metric(name="sweep_released" if ok else "sweep_left", value=1,
+                              labels={"kind": rec.kind})
+            if not ok:
                 left.append(rec)
-        for path in self.sink.sweep_partials():
-            log.info("removed an interrupted backup's partial data: %s", path)
+        self.sweep_repository()
         return left
+
+    def sweep_repository(self) -> None:
+        """Finish or remove what killed jobs left half-done in the sink (a half-written
+        backup, a consolidation killed between its renames). Every job that writes to the
+        sink starts with it, cluster or not."""
+        for path in self.sink.sweep_partials():
+            log.info("removed an interrupted job's partial data: %s", path)
 
 
 async def resolve_data_path(config: Config, session: HypervisorSession) -> DataPath:

@@ -8,6 +8,7 @@ from .decoder import Decoder, StreamReader
 from .encoder import Encoder, StreamWriter, is_zero
 from .header import KINDS, StreamHeader
 from .index import IndexEntry, StreamIndex, index_stream
+from .payload import Keyring, StreamCodec, StreamKey, parse_compression
 from .records import DATA, ZERO, Record, Trailer
 
 __all__ = [
@@ -21,12 +22,16 @@ __all__ = [
     "Decoder",
     "Encoder",
     "IndexEntry",
+    "Keyring",
     "Record",
+    "StreamCodec",
     "StreamHeader",
     "StreamIndex",
+    "StreamKey",
     "StreamReader",
     "StreamWriter",
     "Trailer",
     "index_stream",
     "is_zero",
+    "parse_compression",
 ]

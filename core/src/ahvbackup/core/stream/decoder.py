@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = ["Decoder", "StreamReader"]
 
+import hashlib
 from collections.abc import Iterator
 from typing import NoReturn, Protocol
 
@@ -16,14 +17,16 @@ from ..errors import SinkError, StreamFormatError
 from ._layout import (
     CHECK,
     END_MAGIC,
+    FLAG_ZSTD,
+    LAYOUTS,
     MAGIC,
     MAJOR,
     MAX_DATA_LENGTH,
     MAX_META_LENGTH,
     PREAMBLE,
-    RECORD,
     RECORD_SIZE,
     TAG_DATA,
+    TAG_SIZE,
     TAG_TRAILER,
     TAG_ZERO,
     TRAILER_BODY,
@@ -33,6 +36,7 @@ from ._layout import (
     check64,
 )
 from .header import StreamHeader
+from .payload import KeyProblem, Keyring, PayloadOpener
 from .records import DATA, ZERO, Record, Trailer
 
 _WHAT = {
@@ -52,10 +56,21 @@ class Decoder:
     A data record's `take()` returns the Record with `data` set to the bytes passed in, after its
     checksum matched. Index mode: call `skip()` instead of reading a payload; the record is then
     returned without data and the whole-stream digest can no longer be checked.
+
+    A 2.x stream's payloads are opened (decrypted, decompressed) with `keys`. An encrypted
+    stream whose key is not among them fails at its first data record, unless `keyless`:
+    then framing, checksums and digest are still checked, data records come without data,
+    and the trailer's `unchecked` says what could not be authenticated.
     """
 
-    def __init__(self, *, name: str = "") -> None:
+    def __init__(self, *, name: str = "", keys: Keyring | None = None,
+                 keyless: bool = False) -> None:
         self.name = name
+        self.keys = keys
+        self.keyless = keyless
+        self.opener: PayloadOpener | None = None  # 2.x streams
+        self._layout = LAYOUTS[1]
+        self._unopened = 0
         self.header: StreamHeader | None = None
         self.trailer: Trailer | None = None
         self.position = 0  # stream bytes taken (or skipped)
@@ -70,6 +85,7 @@ class Decoder:
         self._data_records = self._zero_records = self._data_bytes = self._zero_bytes = 0
         self._record_start = 0  # stream offset of the record being decoded
         self._trailer_start = 0
+        self._pending_framing = self._trailer_framing = b""
 
     @property
     def pending(self) -> Record | None:
@@ -101,7 +117,7 @@ class Decoder:
         if rec is None:
             raise ValueError("Decoder.skip: no payload is pending")
         self._digest = None
-        self.position += rec.length
+        self.position += rec.stored
         self._next_record()
         return rec
 
@@ -134,8 +150,9 @@ class Decoder:
                 f"stream format version {major}.{minor} is newer than this reader "
                 f"(understands {MAJOR}.x); upgrade ahvbackup to read it"
             )
-        if major < MAJOR:
+        if major not in LAYOUTS:
             self._fail(f"stream format version {major}.{minor} is not supported")
+        self._layout = LAYOUTS[major]
         if not 2 <= meta_len <= MAX_META_LENGTH:
             self._fail(f"metadata length {meta_len} is out of range (2 to {MAX_META_LENGTH})")
         self._preamble = bytes(view)
@@ -147,22 +164,37 @@ class Decoder:
         if check != check64(self._preamble + meta):
             self._fail("stream header check mismatch (header damaged)", at=0)
         try:
-            self.header = StreamHeader.from_json(meta)
+            self.header = StreamHeader.from_json(meta, major=self._layout.major)
         except StreamFormatError as err:
             self._fail(str(err), at=PREAMBLE.size)
+        h = self.header
+        if h.transformed:
+            self.opener = PayloadOpener(
+                compression=h.compression, encrypted=h.encryption != "none", key_id=h.key_id,
+                wrapped=bytes.fromhex(h.wrapped_key), stream_id=h.stream_id,
+                header_auth=hashlib.sha256(self._preamble + bytes(meta)).digest(),
+                keys=self.keys)
         self._next_record()
         return self.header
 
+    @property
+    def major(self) -> int:
+        """The stream's major version (1 until the preamble was read)."""
+        return self._layout.major
+
     def _take_record(self, view: memoryview) -> Record | None:
         at = self._record_start
-        head, (check,) = view[: RECORD.size], CHECK.unpack(view[RECORD.size :])
-        if check != check64(head):
+        if not self._layout.header_ok(view):
             self._fail(f"record {self._seq}: record header check mismatch (header damaged)", at=at)
         if self._digest is not None and bytes(view[:4]) != TAG_TRAILER:
             self._digest.update(view)
-        tag, flags, seq, offset, length, payload_check = RECORD.unpack(head)
+        fields = self._layout.unpack(view)
+        tag, flags, seq, offset, length = (fields.tag, fields.flags, fields.seq, fields.offset,
+                                           fields.length)
+        stored, payload_check = fields.stored, fields.payload_check
         where = f"record {seq} (disk offset {offset})"
-        if flags:
+        zstd = self.opener is not None and self.opener.compression == "zstd"
+        if flags & ~(FLAG_ZSTD if zstd and tag == TAG_DATA else 0):
             self._fail(f"{where}: unknown flags {flags:#x}", at=at)
         if seq != self._seq:
             problem = (
@@ -171,16 +203,26 @@ class Decoder:
                 else f"record {seq} is repeated or out of order"
             )
             self._fail(f"{where}: expected record {self._seq} here; {problem}", at=at)
+        overhead = TAG_SIZE if self.opener is not None and self.opener.encrypted else 0
         if tag == TAG_TRAILER:
-            if length != TRAILER_SIZE or offset:
-                self._fail(f"trailer offset {offset} and length {length} (want 0, 64)", at=at)
-            self._state, self.want, self._pending_check = "trailer", TRAILER_SIZE, payload_check
+            if length != TRAILER_SIZE or offset or stored != TRAILER_SIZE + overhead:
+                self._fail(f"trailer offset {offset}, length {length} and stored length "
+                           f"{stored} (want 0, 64, {TRAILER_SIZE + overhead})", at=at)
+            self._state, self.want, self._pending_check = "trailer", stored, payload_check
             self._trailer_start = at
+            if self.opener is not None:
+                self._trailer_framing = self._layout.framing(fields)
             return None
         if tag not in (TAG_DATA, TAG_ZERO):
             self._fail(f"{where}: unknown record tag {bytes(tag)!r}", at=at)
         if length == 0 or (tag == TAG_DATA and length > MAX_DATA_LENGTH):
             self._fail(f"{where}: bad length {length}", at=at)
+        if tag == TAG_ZERO and stored:
+            self._fail(f"{where}: a zero record with {stored} stored bytes", at=at)
+        if tag == TAG_DATA and (not overhead < stored <= length + overhead or (
+            self.opener is None and stored != length
+        )):
+            self._fail(f"{where}: bad stored length {stored} for {length} bytes", at=at)
         assert self.header is not None
         if offset < self._end:
             self._fail(
@@ -203,9 +245,11 @@ class Decoder:
             return Record(ZERO, seq, offset, length, at)
         self._data_records += 1
         self._data_bytes += length
-        self._pending = Record(DATA, seq, offset, length, at)
+        self._pending = Record(DATA, seq, offset, length, at, stored=stored, flags=flags)
         self._pending_check = payload_check
-        self._state, self.want = "payload", length
+        if self.opener is not None:  # what the payload's tag authenticates
+            self._pending_framing = self._layout.framing(fields)
+        self._state, self.want = "payload", stored
         return None
 
     def _take_payload(self, view: memoryview) -> Record:
@@ -217,16 +261,28 @@ class Decoder:
                 "checksum mismatch (payload damaged)",
                 at=rec.position,
             )
-        rec.data = view
+        rec.data = view if self.opener is None else self._open(rec, view)
         self._next_record()
         return rec
+
+    def _open(self, rec: Record, stored: memoryview) -> memoryview | None:
+        opener = self.opener
+        assert opener is not None
+        if self.keyless and not opener.can_open:
+            self._unopened += 1
+            return None
+        try:
+            return opener.open(rec.seq, rec.flags, rec.length, self._pending_framing, stored)
+        except (KeyProblem, ValueError) as err:
+            self._fail(f"record {rec.seq} (disk offset {rec.offset}): {err}", at=rec.position)
 
     def _take_trailer(self, view: memoryview) -> Trailer:
         at = self._trailer_start
         if check64(view) != self._pending_check:
             self._fail("trailer check mismatch (trailer damaged)", at=at)
+        body = view[:TRAILER_SIZE]
         (data_records, zero_records, data_bytes, zero_bytes, stream_bytes, digest,
-         end) = TRAILER_BODY.unpack(view)
+         end) = TRAILER_BODY.unpack(body)
         if end != END_MAGIC:
             self._fail("trailer end magic is wrong", at=at)
         got = (self._data_records, self._zero_records, self._data_bytes, self._zero_bytes, at)
@@ -242,17 +298,35 @@ class Decoder:
                 f"{self._digest.digest().hex()})",
                 at=at,
             )
+        unchecked = self._check_trailer_tag(body, view[TRAILER_SIZE:])
         self.trailer = Trailer(
             data_records=data_records, zero_records=zero_records, data_bytes=data_bytes,
             zero_bytes=zero_bytes, stream_bytes=stream_bytes, digest=digest,
-            digest_verified=verified,
+            digest_verified=verified, unchecked=unchecked,
         )
         self._state, self.want = "done", 0
         return self.trailer
 
+    def _check_trailer_tag(self, body: memoryview, tag: memoryview) -> str:
+        """Authenticate an encrypted stream's totals; returns what could not be checked."""
+        opener = self.opener
+        if opener is None or not opener.encrypted:
+            return ""
+        at = self._trailer_start
+        # an index (payloads skipped) without the key fails later, at the first data it opens
+        if (self.keyless or self._digest is None) and not opener.can_open:
+            return (f"{opener.key_problem}: the AES-GCM tags of {self._unopened} data "
+                    "record(s) and of the trailer were not checked (checksums, framing and "
+                    "digest were)")
+        try:
+            opener.check_trailer(self._seq, self._trailer_framing, body, tag)
+        except KeyProblem as err:
+            self._fail(f"trailer: {err}", at=at)
+        return ""
+
     def _next_record(self) -> None:
         self._pending = None
-        self._state, self.want = "record", RECORD_SIZE
+        self._state, self.want = "record", self._layout.record_size
         self._record_start = self.position
 
     def _fail(self, problem: str, *, at: int | None = None) -> NoReturn:
@@ -275,10 +349,11 @@ class StreamReader:
     Data records' `data` is a view of a buffer reused for the next record.
     """
 
-    def __init__(self, src: _Readable, *, name: str = "") -> None:
+    def __init__(self, src: _Readable, *, name: str = "", keys: Keyring | None = None,
+                 keyless: bool = False) -> None:
         self._src = src
         self._readinto = getattr(src, "readinto", None)
-        self.decoder = Decoder(name=name)
+        self.decoder = Decoder(name=name, keys=keys, keyless=keyless)
         self._buf = bytearray(RECORD_SIZE)
         self._started = False
         while self.decoder.header is None:

@@ -2,13 +2,18 @@
 
 The encoder returns small header bytes and hands the caller's payload back as a memoryview, so
 the payload is checksummed but never copied; the caller decides how bytes reach the sink (a
-file, a pipe, Bacula packets, a trio channel).
+file, a pipe, Bacula packets, a trio channel). With a `StreamCodec` that compresses or
+encrypts, the payload handed back is the stored form (format 2.x), made once per record.
 """
 
 from __future__ import annotations
 
 __all__ = ["Encoder", "StreamWriter", "is_zero"]
 
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
@@ -16,11 +21,13 @@ from ..errors import SinkError, StreamFormatError
 from ._layout import (
     CHECK,
     END_MAGIC,
+    LAYOUTS,
     MAGIC,
     MAJOR,
     MAX_DATA_LENGTH,
     MAX_META_LENGTH,
     MINOR,
+    PLAIN_MAJOR,
     PREAMBLE,
     TAG_DATA,
     TAG_TRAILER,
@@ -29,10 +36,11 @@ from ._layout import (
     TRAILER_SIZE,
     Buffer,
     Digest,
+    RecordFields,
     check64,
-    record_header,
 )
 from .header import StreamHeader
+from .payload import ENCRYPTION, KEY_BYTES, PayloadSealer, StreamCodec
 from .records import Trailer
 
 _ZEROS = bytes(1 << 20)
@@ -45,15 +53,39 @@ def is_zero(buf: Buffer) -> bool:
     return all(_ZEROS.startswith(view[i : i + step]) for i in range(0, len(view), step))
 
 
+@dataclass(frozen=True, slots=True)
+class Packed:
+    """A payload made ready by `Encoder.pack` (compressed when that shrinks it)."""
+
+    flags: int
+    body: Buffer
+
+
 class Encoder:
     """Produces the bytes of one stream in order: `header()`, records, `trailer()`.
 
     Every record is checked before its bytes are produced (order, bounds, length), so an encoder
-    never emits a stream a reader would refuse.
+    never emits a stream a reader would refuse. A `codec` that compresses or encrypts makes a
+    2.x stream (with a fresh data key for this stream alone); without one it is 1.0.
     """
 
-    def __init__(self, header: StreamHeader) -> None:
+    def __init__(self, header: StreamHeader, codec: StreamCodec | None = None) -> None:
+        codec = codec or StreamCodec()
+        self.codec = codec
+        self._data_key: bytes | None = None
+        if codec.transforms:
+            encryption = key_id = wrapped = ""
+            if codec.key is not None:
+                self._data_key = os.urandom(KEY_BYTES)
+                encryption, key_id = ENCRYPTION, codec.key.key_id
+                wrapped = codec.key.wrap(self._data_key, header.stream_id).hex()
+            header = dataclasses.replace(
+                header, compression=codec.compression, encryption=encryption or "none",
+                key_id=key_id, wrapped_key=wrapped)
         self.meta = header
+        self.major = MAJOR if codec.transforms else PLAIN_MAJOR
+        self._layout = LAYOUTS[self.major]
+        self._sealer: PayloadSealer | None = None
         self.data_records = 0
         self.zero_records = 0
         self.data_bytes = 0
@@ -76,14 +108,29 @@ class Encoder:
                 f"cannot encode {self.meta.identity}: metadata is {len(meta)} bytes "
                 f"(at most {MAX_META_LENGTH})"
             )
-        head = PREAMBLE.pack(MAGIC, MAJOR, MINOR, len(meta)) + meta
+        head = PREAMBLE.pack(MAGIC, self.major, MINOR, len(meta)) + meta
         out = head + CHECK.pack(check64(head))
+        if self.codec.transforms:
+            self._sealer = PayloadSealer(self.codec, self._data_key,
+                                         hashlib.sha256(head).digest())
+            self._data_key = None
         self._state = "records"
         return self._emit(out)
 
-    def data(self, offset: int, payload: Buffer) -> tuple[bytes, memoryview]:
+    def pack(self, payload: Buffer) -> Packed:
+        """Compress `payload` ahead of its `data()` call. The one step that costs CPU, and the
+        only one that may run in several threads at once (records still go out in order)."""
+        self._expect("records", "data record")
+        view = memoryview(payload).cast("B")
+        if self._sealer is None:
+            return Packed(0, view)
+        flags, body = self._sealer.compress(view)
+        return Packed(flags, body)
+
+    def data(self, offset: int, payload: Buffer, packed: Packed | None = None
+             ) -> tuple[bytes, memoryview]:
         """A data record for `payload` at disk `offset`: (record header, payload view). Write both,
-        in that order."""
+        in that order. `packed` is `pack(payload)` when that was done ahead."""
         self._expect("records", "data record")
         view = memoryview(payload).cast("B")
         length = len(view)
@@ -93,13 +140,20 @@ class Encoder:
                 f"{length} bytes (1 to {MAX_DATA_LENGTH})"
             )
         self._place(offset, length)
-        head = record_header(TAG_DATA, self.seq, offset, length, check64(view))
+        flags, body = 0, view
+        if self._sealer is not None:
+            flags, ready = (packed.flags, packed.body) if packed else self._sealer.compress(view)
+            stored = len(ready) + self._sealer.overhead
+            fields = RecordFields(TAG_DATA, flags, self.seq, offset, length, stored, 0)
+            body = memoryview(self._sealer.seal(TAG_DATA, self.seq,
+                                                self._layout.framing(fields), ready))
+        head = self._record(TAG_DATA, flags, offset, length, len(body), check64(body))
         self._emit(head)
-        self._digest.update(view)
-        self.stream_bytes += length
+        self._digest.update(body)
+        self.stream_bytes += len(body)
         self.data_records += 1
         self.data_bytes += length
-        return head, view
+        return head, body
 
     def zero(self, offset: int, length: int) -> bytes:
         """A zero record: `[offset, offset+length)` reads as zeros. No payload."""
@@ -110,7 +164,7 @@ class Encoder:
                 f"length {length}"
             )
         self._place(offset, length)
-        head = record_header(TAG_ZERO, self.seq, offset, length, 0)
+        head = self._record(TAG_ZERO, 0, offset, length, 0, 0)
         self.zero_records += 1
         self.zero_bytes += length
         return self._emit(head)
@@ -123,8 +177,19 @@ class Encoder:
             self.data_records, self.zero_records, self.data_bytes, self.zero_bytes,
             self.stream_bytes, self._digest.digest(), END_MAGIC,
         )
-        head = record_header(TAG_TRAILER, self.seq, 0, TRAILER_SIZE, check64(body))
+        if self._sealer is not None and self._sealer.overhead:
+            # the tag authenticates the totals, so records cannot be dropped from the end
+            stored = TRAILER_SIZE + self._sealer.overhead
+            framing = self._layout.framing(
+                RecordFields(TAG_TRAILER, 0, self.seq, 0, TRAILER_SIZE, stored, 0))
+            body += self._sealer.seal(TAG_TRAILER, self.seq, framing + body, b"")
+        head = self._record(TAG_TRAILER, 0, 0, TRAILER_SIZE, len(body), check64(body))
         return head + body
+
+    def _record(self, tag: bytes, flags: int, offset: int, length: int, stored: int,
+                check: int) -> bytes:
+        return self._layout.pack(RecordFields(tag, flags, self.seq, offset, length, stored,
+                                              check))
 
     def summary(self) -> Trailer:
         """What the trailer says (or would say now)."""
@@ -168,8 +233,9 @@ class StreamWriter:
     truncated instead of looking complete. `out` is neither flushed nor closed here.
     """
 
-    def __init__(self, out: _Writable, header: StreamHeader, *, name: str = "") -> None:
-        self.encoder = Encoder(header)
+    def __init__(self, out: _Writable, header: StreamHeader, *, name: str = "",
+                 codec: StreamCodec | None = None) -> None:
+        self.encoder = Encoder(header, codec)
         self.name = name or header.identity
         self._out = out
         self._write(self.encoder.header())

@@ -15,6 +15,10 @@ from .. import __version__
 from ..errors import StreamFormatError
 
 KINDS = ("full", "incremental", "differential")
+#: keys every 2.x header has (how payloads are stored); a 1.x header has none of them
+PAYLOAD_KEYS = ("compression", "encryption", "key_id", "wrapped_key")
+COMPRESSIONS = ("none", "zstd")
+ENCRYPTIONS = ("none", "aes-256-gcm")
 
 
 def _now() -> str:
@@ -43,6 +47,11 @@ class StreamHeader:
     reference_stream_id: str = ""
     created: str = field(default_factory=_now)
     producer: str = f"ahvbackup {__version__}"
+    # 2.x: how payloads are stored (section 7); the writer's codec sets them
+    compression: str = "none"
+    encryption: str = "none"
+    key_id: str = ""
+    wrapped_key: str = ""  # hex: the data key, wrapped by the key `key_id` names
     extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -57,14 +66,21 @@ class StreamHeader:
         disk = self.disk_label or "disk"
         return f"{vm} {disk} ({self.disk_uuid})"
 
+    @property
+    def transformed(self) -> bool:
+        """Whether payloads are compressed or encrypted (a 2.x stream)."""
+        return self.compression != "none" or self.encryption != "none"
+
     def to_json(self) -> bytes:
         doc = dict(self.extra)
-        doc.update({f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"})
+        skip = {"extra"} if self.transformed else {"extra", *PAYLOAD_KEYS}
+        doc.update({f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip})
         return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
     @classmethod
-    def from_json(cls, raw: bytes | memoryview) -> StreamHeader:
-        """Parse metadata: unknown keys go to `extra`; a missing or mistyped known key fails."""
+    def from_json(cls, raw: bytes | memoryview, *, major: int = 1) -> StreamHeader:
+        """Parse metadata: unknown keys go to `extra`; a missing or mistyped known key fails.
+        The payload keys are known (and required) from major 2 on."""
         try:
             doc = json.loads(bytes(raw).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -73,7 +89,7 @@ class StreamHeader:
             raise StreamFormatError("stream header: metadata is not a JSON object")
         known: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
+            if f.name == "extra" or (major < 2 and f.name in PAYLOAD_KEYS):
                 continue
             if f.name not in doc:
                 raise StreamFormatError(f"stream header: required key {f.name} is missing")
@@ -85,7 +101,11 @@ class StreamHeader:
                     f"stream header: {f.name} must be {kind} (got {value!r:.80})"
                 )
             known[f.name] = value
-        return cls(**known, extra=doc)
+        header = cls(**known, extra=doc)
+        if major >= 2 and not header.transformed:
+            raise StreamFormatError("stream header: a 2.x stream compresses or encrypts "
+                                    "(compression and encryption are both none)")
+        return header
 
 
 def _problem(h: StreamHeader) -> str:
@@ -100,4 +120,21 @@ def _problem(h: StreamHeader) -> str:
         return "a full stream has no reference (reference ids must be empty)"
     if h.kind != "full" and not h.reference_snapshot_id:
         return f"kind {h.kind} needs reference_snapshot_id (the snapshot it is a delta against)"
+    if h.compression not in COMPRESSIONS:
+        return f"compression must be one of {', '.join(COMPRESSIONS)} (got {h.compression!r})"
+    if h.encryption not in ENCRYPTIONS:
+        return f"encryption must be one of {', '.join(ENCRYPTIONS)} (got {h.encryption!r})"
+    encrypted = h.encryption != "none"
+    if encrypted != bool(h.key_id) or encrypted != bool(h.wrapped_key):
+        return "key_id and wrapped_key are set exactly when the stream is encrypted"
+    if h.wrapped_key and not _is_hex(h.wrapped_key):
+        return "wrapped_key must be hex"
     return ""
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from typing import Literal, NoReturn, Protocol
 
 from ..errors import SinkError, StreamFormatError
-from ._layout import CHECK, RECORD, RECORD_SIZE, TAG_DATA, check64
+from ._layout import LAYOUTS, RECORD_SIZE, TAG_DATA, check64
 from .decoder import Decoder, StreamReader
 from .header import StreamHeader
+from .payload import KeyProblem, Keyring, PayloadOpener
 from .records import DATA, ZERO, Record, Trailer
 
 
@@ -40,6 +41,8 @@ class IndexEntry:
     offset: int
     length: int
     position: int  # stream offset of the record header
+    stored: int = 0  # payload bytes in the stream (differs from length when 2.x transforms)
+    flags: int = 0
 
     @property
     def end(self) -> int:
@@ -54,10 +57,15 @@ class StreamIndex:
     `read()` still checks each payload it fetches.
     """
 
-    def __init__(self, header: StreamHeader, *, name: str = "") -> None:
+    def __init__(self, header: StreamHeader, *, name: str = "", major: int = 1,
+                 opener: PayloadOpener | None = None) -> None:
         self.header = header
         self.name = name
+        self.opener = opener  # opens 2.x payloads (with the reader's keys)
+        self._layout = LAYOUTS[major]
         self.trailer: Trailer | None = None
+        self._stored = array("Q")
+        self._flags = bytearray()
         self._kinds = bytearray()
         self._seqs = array("Q")
         self._offsets = array("Q")
@@ -74,6 +82,8 @@ class StreamIndex:
         self._offsets.append(rec.offset)
         self._lengths.append(rec.length)
         self._positions.append(rec.position)
+        self._stored.append(rec.stored)
+        self._flags.append(rec.flags)
 
     def __len__(self) -> int:
         return len(self._offsets)
@@ -81,7 +91,7 @@ class StreamIndex:
     def __getitem__(self, i: int) -> IndexEntry:
         return IndexEntry(
             DATA if self._kinds[i] else ZERO, self._seqs[i], self._offsets[i], self._lengths[i],
-            self._positions[i],
+            self._positions[i], self._stored[i], self._flags[i],
         )
 
     def __iter__(self) -> Iterator[IndexEntry]:
@@ -98,33 +108,43 @@ class StreamIndex:
         self, src: _Seekable, entry: IndexEntry, *, into: bytearray | memoryview | None = None
     ) -> memoryview:
         """Fetch one data record's payload from the seekable `src` this index was made from,
-        checking its record header against the index and its payload checksum."""
+        checking its record header against the index and its payload checksum (and, in a 2.x
+        stream, opening it: the view is then not `into`)."""
         if entry.kind != DATA:
             raise ValueError(f"record {entry.seq} is a zero record: it has no data")
-        buf = memoryview(into if into is not None else bytearray(entry.length)).cast("B")
-        if len(buf) < entry.length:
-            raise ValueError(f"buffer of {len(buf)} bytes for a record of {entry.length}")
-        head = bytearray(RECORD_SIZE)
+        stored = entry.stored or entry.length
+        if into is not None and len(memoryview(into).cast("B")) < stored:
+            if self.opener is None:
+                raise ValueError(f"buffer of {len(into)} bytes for a record of {stored}")
+            into = None
+        buf = memoryview(into if into is not None else bytearray(stored)).cast("B")
+        head = bytearray(self._layout.record_size)
         try:
             src.seek(entry.position, io.SEEK_SET)
-            ok = _read_exact(src, memoryview(head)) and _read_exact(src, buf[: entry.length])
+            ok = _read_exact(src, memoryview(head)) and _read_exact(src, buf[:stored])
         except OSError as err:
             raise SinkError(f"{self._who()}: reading record {entry.seq}: {err}") from err
         where = f"record {entry.seq} (disk offset {entry.offset})"
         if not ok:
             self._fail(f"truncated: the stream ends inside {where}", entry.position)
-        fields, (check,) = RECORD.unpack_from(head), CHECK.unpack_from(head, RECORD.size)
-        if check != check64(memoryview(head)[: RECORD.size]):
+        if not self._layout.header_ok(head):
             self._fail(f"{where}: record header check mismatch (header damaged)", entry.position)
-        tag, _flags, seq, offset, length, payload_check = fields
-        if (tag, seq, offset, length) != (TAG_DATA, entry.seq, entry.offset, entry.length):
+        f = self._layout.unpack(head)
+        if (f.tag, f.seq, f.offset, f.length, f.stored, f.flags) != (
+            TAG_DATA, entry.seq, entry.offset, entry.length, stored, entry.flags
+        ):
             self._fail(f"{where}: the stream no longer matches its index", entry.position)
-        out = buf[: entry.length]
-        if check64(out) != payload_check:
+        out = buf[:stored]
+        if check64(out) != f.payload_check:
             self._fail(
                 f"{where}: data checksum mismatch (payload damaged)", entry.position
             )
-        return out
+        if self.opener is None:
+            return out
+        try:
+            return self.opener.open(f.seq, f.flags, f.length, self._layout.framing(f), out)
+        except (KeyProblem, ValueError) as err:
+            self._fail(f"{where}: {err}", entry.position)
 
     def _who(self) -> str:
         return f"disk stream {self.name}" if self.name else "disk stream"
@@ -135,20 +155,24 @@ class StreamIndex:
         )
 
 
-def index_stream(src: _Source, *, name: str = "", verify: bool = False) -> StreamIndex:
+def index_stream(src: _Source, *, name: str = "", verify: bool = False,
+                 keys: Keyring | None = None) -> StreamIndex:
     """Index the stream in `src`. A seekable source is indexed by reading record headers and
     seeking over payloads (cheap; payloads and digest unchecked) unless `verify`; anything else
-    is read and verified in full."""
+    is read and verified in full. `keys` open an encrypted stream's payloads; a full read
+    without the stream's key checks all but the AES-GCM tags (the trailer says so)."""
     seekable = not verify and _is_seekable(src)
     if not seekable:
-        reader = StreamReader(src, name=name)
-        index = StreamIndex(reader.header, name=name)
+        reader = StreamReader(src, name=name, keys=keys, keyless=True)
+        dec = reader.decoder
+        index = StreamIndex(reader.header, name=name, major=dec.major,
+                            opener=dec.opener)
         for rec in reader:
             index.add(rec)
         index.trailer = reader.trailer
         return index
     assert isinstance(src, io.IOBase)
-    dec = Decoder(name=name)
+    dec = Decoder(name=name, keys=keys)
     buf = bytearray(max(RECORD_SIZE, 1 << 16))
     built: StreamIndex | None = None
     try:
@@ -160,7 +184,7 @@ def index_stream(src: _Source, *, name: str = "", verify: bool = False) -> Strea
                 if dec.position + dec.want > size:
                     dec.truncated_in(size - dec.position)
                 rec = dec.skip()
-                src.seek(rec.length, io.SEEK_CUR)
+                src.seek(rec.stored, io.SEEK_CUR)
                 assert built is not None
                 built.add(rec)
                 continue
@@ -173,7 +197,7 @@ def index_stream(src: _Source, *, name: str = "", verify: bool = False) -> Strea
                 dec.truncated_in(got)
             item = dec.take(view)
             if isinstance(item, StreamHeader):
-                built = StreamIndex(item, name=name)
+                built = StreamIndex(item, name=name, major=dec.major, opener=dec.opener)
             elif isinstance(item, Record):
                 assert built is not None
                 built.add(item)

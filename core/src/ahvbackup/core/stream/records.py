@@ -23,6 +23,8 @@ class Record:
     length: int
     position: int
     data: memoryview | None = None
+    stored: int = 0  # payload bytes in the stream (2.x: compressed and/or encrypted)
+    flags: int = 0
 
     @property
     def end(self) -> int:
@@ -32,7 +34,8 @@ class Record:
 @dataclass(frozen=True, slots=True)
 class Trailer:
     """The stream's totals and whole-stream digest (docs/stream-format.md section 4).
-    `digest_verified` is False when the payloads were skipped (an index of a seekable file)."""
+    `digest_verified` is False when the payloads were skipped (an index of a seekable file);
+    `unchecked` names what was not authenticated when an encrypted stream's key was absent."""
 
     data_records: int
     zero_records: int
@@ -41,6 +44,8 @@ class Trailer:
     stream_bytes: int
     digest: bytes
     digest_verified: bool
+    unchecked: str = ""  # what a read without the stream's key could not check; "" = all
+
 
     @property
     def digest_hex(self) -> str:

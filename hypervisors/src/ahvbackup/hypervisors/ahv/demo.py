@@ -158,9 +158,13 @@ async def run_demo(work: Path, *, verbose: int) -> dict[str, Any]:
         for vm_result in backed_up:
             state, _ = rt.states.load(vm_result.vm_uuid)
             references |= state.snapshot_ids() if state else set()
+        # v3 snapshots and v4 recovery points ("v4:<extId>", whose own snapshots they hold)
+        held = {v.snapshot_uuid for p in sim.recovery_points.points.values() for v in p.vms}
+        on_cluster = (set(sim.snapshots) - held) | {
+            f"v4:{p}" for p in sim.recovery_points.points}
         leftovers = {
-            "reference_snapshots": len(set(sim.snapshots) & references),
-            "other_snapshots": len(set(sim.snapshots) - references),
+            "reference_snapshots": len(on_cluster & references),
+            "other_snapshots": len(on_cluster - references),
             "images": len(sim.images),
             "volume_groups": len(sim.volume_groups.groups),
         }

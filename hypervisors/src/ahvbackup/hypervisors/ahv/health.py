@@ -17,9 +17,8 @@ needs failed:
 Nothing is created on the cluster. The requests go through the Prism client (TLS, auth, error
 messages) with a short retry budget and without the job's rate limit: a handful of calls.
 
-The v3 API is used today. `_V3Api` is the one place that knows v3 paths; a v4 flavour (issue 11,
-item 3) adds its own class with the same two methods (``clusters``, ``caller_permissions``)
-and `_api_for` picks it.
+`_V3Api` is the one place that knows v3 paths; `_V4Api` lists clusters through clustermgmt v4;
+`_api_for` picks one by ``prism_api_version`` (``auto``: v4 when version discovery lists it).
 """
 
 from __future__ import annotations
@@ -49,7 +48,10 @@ from ahvbackup.core.health import FAIL, OK, WARN, HealthCheck, StepTimer, skippe
 from ahvbackup.core.log import get_logger
 
 from .client import Cluster, Prism, connect_prism
+from .client.detect import discover_v4
 from .client.http import V3
+from .client.v4 import PrismV4
+from .client.v4_models import cluster_from_v4
 
 if TYPE_CHECKING:
     from .driver import AhvHypervisor
@@ -151,6 +153,13 @@ class CallerRoles:
     roles: tuple[str, ...]
     granted: frozenset[tuple[str, str]]
     source: str  # the calls it was read from
+    #: the projects (name or, when unnamed, UUID) the policies are scoped to; empty: every
+    #: entity (a policy without a PROJECT scope covers everything)
+    projects: tuple[str, ...] = ()
+    project_uuids: tuple[str, ...] = ()
+
+    def scope_text(self) -> str:
+        return f"projects {', '.join(self.projects)}" if self.projects else "every entity"
 
 
 # the API flavour -----------------------------------------------------------------------------
@@ -179,10 +188,15 @@ class _V3Api:
         acps = info.get("access_control_policy_list") if isinstance(info, Mapping) else None
         roles: list[str] = []
         wanted: set[str] = set()
+        scoped: list[str] = []
+        everything = False
         for acp in acps if isinstance(acps, list) else []:
             role = acp.get("role") if isinstance(acp, Mapping) else None
             if not isinstance(role, Mapping):
                 continue
+            found = _project_scope(acp)
+            scoped += found
+            everything = everything or not found
             if isinstance(role.get("name"), str):
                 roles.append(role["name"])
             wanted.update(str(u) for u in role.get("permission_uuid_list") or [])
@@ -203,12 +217,66 @@ class _V3Api:
             offset += len(entities)
             if not entities or offset >= int(total or 0):
                 break
+        projects = () if everything or not scoped else await self._project_names(scoped)
         return CallerRoles(tuple(dict.fromkeys(roles)), frozenset(granted),
-                           "GET /users/info, POST /permissions/list")
+                           "GET /users/info, POST /permissions/list", projects,
+                           () if everything else tuple(dict.fromkeys(scoped)))
+
+    async def _project_names(self, uuids: list[str]) -> tuple[str, ...]:
+        """The names of the scope's projects (``POST /projects/list``); a UUID stays as it is
+        where the list does not name it."""
+        try:
+            data = await self.prism.pc.request_json("POST", V3 + "/projects/list",
+                                                    json={"kind": "project", "length": 500})
+        except ApiError:
+            data = {}
+        names = {str((e.get("metadata") or {}).get("uuid")): str((e.get("spec") or {})
+                                                                   .get("name") or "")
+                 for e in (data.get("entities") or [] if isinstance(data, Mapping) else [])}
+        return tuple(dict.fromkeys(names.get(u) or u for u in uuids))
 
 
-def _api_for(prism: Prism, version: str) -> _V3Api:
-    # prism_api_version=v4/auto (issue 11, item 3): return the v4 flavour here
+def _project_scope(acp: Mapping[str, Any]) -> list[str]:
+    """The project UUIDs of a policy's ``PROJECT IN [...]`` scope (none: not scoped)."""
+    out: list[str] = []
+    contexts = ((acp.get("filter_list") or {}).get("context_list")) or []
+    for ctx in contexts if isinstance(contexts, list) else []:
+        for expr in (ctx.get("scope_filter_expression_list") or []
+                     if isinstance(ctx, Mapping) else []):
+            if isinstance(expr, Mapping) and expr.get("left_hand_side") == "PROJECT":
+                rhs = expr.get("right_hand_side") or {}
+                out += [str(u) for u in (rhs.get("uuid_list") or [])]
+    return out
+
+
+class _V4Api(_V3Api):
+    """Clusters through clustermgmt v4 (DSIP: `network.externalDataServiceIp`). The caller's
+    permissions are still read the v3 way: the v4 IAM namespace is not among those ahvbackup
+    uses (UNVERIFIED that a real PC 2024.3 grants both from the same roles)."""
+
+    version = "v4"
+
+    def __init__(self, prism: Prism, v4: PrismV4) -> None:
+        super().__init__(prism)
+        self.v4 = v4
+
+    async def clusters(self) -> list[Cluster]:
+        items = await self.v4.list_all("clustermgmt", "config/clusters")
+        found = [cluster_from_v4(c, endpoint="GET clustermgmt config/clusters") for c in items]
+        return [c for c in found if not c.is_prism_central]
+
+
+async def _api_for(prism: Prism, version: str) -> _V3Api:
+    """`v3`; `v4` (a Prism without v4 is a configuration error, in one line); `auto`: v4
+    when version discovery lists every namespace a job uses, else v3."""
+    if version == "v3":
+        return _V3Api(prism)
+    found = await discover_v4(prism.pc)
+    if found.usable:
+        return _V4Api(prism, PrismV4(prism.pc, found.versions))
+    if version == "v4":
+        raise ConfigError(f"prism_api_version=v4: {found.reason}; set prism_api_version=v3 "
+                          "or auto")
     return _V3Api(prism)
 
 
@@ -514,7 +582,16 @@ async def _check_rbac(api: _V3Api, cfg: Any, user: str, timeout: float) -> Healt
             missing.append(n)
     roles = ", ".join(caller.roles) or "none"
     data = {"user": user, "roles": list(caller.roles), "read_from": caller.source,
-            "api": api.version, "data_path": str(cfg.data_path), "permissions": rows}
+            "api": api.version, "data_path": str(cfg.data_path), "permissions": rows,
+            "scope": {"projects": list(caller.projects)}}
+    roles = f"{roles}; scope: {caller.scope_text()}"
+    outside = [p for p in cfg.project if caller.projects
+               and p not in (*caller.projects, *caller.project_uuids)]
+    if outside:
+        return _fail("rbac", t.seconds, f"user {user!r} (roles: {roles}) is not scoped to "
+                     f"project {', '.join(outside)} that project= names",
+                     f"assign {user!r} a role on that project in Prism Central's IAM, or "
+                     "name only its own projects in project=", data=data)
     for_backup = [n for n in missing if "backup" in n.purpose.split(", ")]
     if missing and not for_backup and str(cfg.target) != "ahv":
         # backups and restores to files work; only a restore to AHV would be refused
@@ -665,7 +742,7 @@ async def run_health_checks(driver: AhvHypervisor, *, timeout: float = 10.0,
                 why = "not logged in (step auth)"
                 return [*out, *(skipped(s, TITLES[s], why) for s in ("clusters", "rbac",
                                                                      "iscsi"))]
-            api = _api_for(prism, str(cfg.prism_api_version))
+            api = await _api_for(prism, str(cfg.prism_api_version))
             clusters_check, clusters = await _check_clusters(prism, api, cfg, timeout)
             out.append(clusters_check)
             out.append(await _check_rbac(api, cfg, str(cfg.user), timeout))

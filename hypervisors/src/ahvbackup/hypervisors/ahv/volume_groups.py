@@ -1,8 +1,9 @@
 """Prism Element v2.0 volume groups: the calls the iSCSI data path makes.
 
-A VG is created under a uuid we choose (so it can go on the cleanup ledger first), with one
-disk cloned from a snapshot file (`vmdisk_clone_spec.snapshot_file_path`, the simulator's
-documented choice: Nutanix does not publish the clone field names, see docs/volume-groups.md).
+A VG is created under a uuid we choose (so it can go on the cleanup ledger first), with a
+disk cloned from each snapshot file of a VM's snapshot (`vmdisk_clone_spec.snapshot_file_path`,
+the simulator's documented choice: Nutanix does not publish the clone field names, see
+docs/volume-groups.md).
 The iSCSI target name is read from the API (`iscsi_target`), never computed.
 """
 
@@ -18,7 +19,7 @@ __all__ = [
     "get_volume_group",
 ]
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +57,15 @@ def _parse(data: Any, endpoint: str) -> VolumeGroupInfo:
 
 
 async def create_volume_group(
-    pe: PrismClient, *, uuid: str, name: str, snapshot_file_path: str, description: str = "",
+    pe: PrismClient, *, uuid: str, name: str, snapshot_file_paths: Sequence[str],
+    description: str = "",
 ) -> str | None:
-    """Create the VG (one disk cloned from the snapshot file); returns its task uuid."""
+    """Create the VG, one disk cloned from each snapshot file (disk index i from
+    `snapshot_file_paths[i]`); returns its task uuid."""
     body = {
         "uuid": uuid, "name": name, "description": description,
-        "disk_list": [{"vmdisk_clone_spec": {"snapshot_file_path": snapshot_file_path}}],
+        "disk_list": [{"vmdisk_clone_spec": {"snapshot_file_path": path}}
+                      for path in snapshot_file_paths],
     }
     data = await pe.request_json("POST", V2, json=body, idempotent=True)
     task = data.get("task_uuid") if isinstance(data, Mapping) else None

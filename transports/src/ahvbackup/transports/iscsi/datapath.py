@@ -1,26 +1,33 @@
 """The `iscsi` data path: read a snapshot disk through a volume group over our own initiator.
 
-The hypervisor stages the disk (`HypervisorSession.stage_iscsi`: a VG cloned from the snapshot
-disk, our IQN attached, each step on the cleanup ledger first); this module discovers the target
-on the portal, logs in, checks the LUN is as large as the API said, and reads with several
-commands in flight. The session lives in the job's own task, for the `async with` block of
+The hypervisor stages a backup's disks once per VM (`stage`, `HypervisorSession.stage_iscsi_vm`:
+one VG cloned from all of the snapshot's disks, a LUN each, our IQN attached, each step on the
+cleanup ledger first; `open` stages a lone disk the same way); this module discovers the target
+on the portal, logs in to the disk's LUN, checks it is as large as the API said, and reads with
+several commands in flight. The session lives in the job's own task, for the `async with` block of
 `open`, and logs out when the block ends.
 """
 
 from __future__ import annotations
 
-__all__ = ["IscsiDataPath", "IscsiDiskReader", "initiator_iqn"]
+__all__ = ["IscsiDataPath", "IscsiDiskReader", "IscsiVmStage", "initiator_iqn"]
 
 import logging
 import re
 import secrets
 import socket
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from ahvbackup.core.drivers import DataPath, DiskReader, HypervisorSession, IscsiSource
+from ahvbackup.core.drivers import (
+    DataPath,
+    DiskReader,
+    HypervisorSession,
+    IscsiSource,
+    VmStage,
+)
 from ahvbackup.core.errors import DataPathError
 from ahvbackup.core.ledger import ReleaseStack
 from ahvbackup.core.model import DiskSnapshot
@@ -111,6 +118,48 @@ async def _offered(source: IscsiSource, *, initiator: str, label: str) -> Discov
     return match
 
 
+@asynccontextmanager
+async def _read(source: IscsiSource, *, initiator: str,
+                disk: DiskSnapshot) -> AsyncIterator[DiskReader]:
+    """Log in to the disk's LUN (the portal the target's discovery names) and read it."""
+    match = await _offered(source, initiator=initiator, label=disk.disk.label)
+    if match.portals:
+        host, port, _tpgt = match.portals[0]
+        source = IscsiSource(portal=(host, port), target_iqn=source.target_iqn,
+                             lun=source.lun, size=source.size, chap=source.chap)
+    log.debug("iscsi: disk %s: %s LUN %d at %s:%d as %s", disk.disk.label, source.target_iqn,
+              source.lun, source.portal[0], source.portal[1], initiator)
+    chap = ChapCredentials(source.chap[0], source.chap[1]) if source.chap else None
+    async with IscsiSession.connect(
+        portal=source.portal, target_iqn=source.target_iqn, initiator_iqn=initiator,
+        chap=chap, lun=source.lun, queue_depth=QUEUE_DEPTH, max_transfer=MAX_TRANSFER,
+    ) as iscsi:
+        if iscsi.size < source.size:
+            raise DataPathError(
+                f"iscsi: disk {disk.disk.label}: LUN {source.lun} of {source.target_iqn} "
+                f"holds {iscsi.size} bytes, but the API said the disk has {source.size}; "
+                "refusing to back up a truncated disk")
+        yield IscsiDiskReader(iscsi, size=source.size, label=disk.disk.label)
+
+
+class IscsiVmStage(VmStage):
+    """One VM's disks behind one staged target, a LUN each: each disk's reader logs in to
+    its own LUN (our initiator binds a session to one LUN), so the Prism calls are made once
+    per VM and only the iSCSI logins are per disk."""
+
+    def __init__(self, sources: Mapping[str, IscsiSource], *, initiator: str) -> None:
+        self._sources = sources  # by disk uuid
+        self._initiator = initiator
+
+    def open(self, disk: DiskSnapshot, *,
+             stack: ReleaseStack) -> AbstractAsyncContextManager[DiskReader]:
+        del stack  # everything remote was staged, and recorded, with the VM
+        source = self._sources.get(disk.disk.uuid)
+        if source is None:
+            raise DataPathError(f"iscsi: disk {disk.disk.label} was not staged with its VM")
+        return _read(source, initiator=self._initiator, disk=disk)
+
+
 class IscsiDataPath(DataPath):
     name = "iscsi"
     summary = "iSCSI through a volume group on the data services IP (user-space initiator)"
@@ -121,21 +170,15 @@ class IscsiDataPath(DataPath):
     ) -> AsyncIterator[DiskReader]:
         me = initiator_iqn(self.config)
         source = await session.stage_iscsi(disk, initiator_iqn=me, stack=stack)
-        match = await _offered(source, initiator=me, label=disk.disk.label)
-        if match.portals:
-            host, port, _tpgt = match.portals[0]
-            source = IscsiSource(portal=(host, port), target_iqn=source.target_iqn,
-                                 lun=source.lun, size=source.size, chap=source.chap)
-        log.debug("iscsi: disk %s: %s at %s:%d as %s", disk.disk.label, source.target_iqn,
-                  source.portal[0], source.portal[1], me)
-        chap = ChapCredentials(source.chap[0], source.chap[1]) if source.chap else None
-        async with IscsiSession.connect(
-            portal=source.portal, target_iqn=source.target_iqn, initiator_iqn=me, chap=chap,
-            lun=source.lun, queue_depth=QUEUE_DEPTH, max_transfer=MAX_TRANSFER,
-        ) as iscsi:
-            if iscsi.size < source.size:
-                raise DataPathError(
-                    f"iscsi: disk {disk.disk.label}: LUN {source.lun} of {source.target_iqn} "
-                    f"holds {iscsi.size} bytes, but the API said the disk has {source.size}; "
-                    "refusing to back up a truncated disk")
-            yield IscsiDiskReader(iscsi, size=source.size, label=disk.disk.label)
+        async with _read(source, initiator=me, disk=disk) as reader:
+            yield reader
+
+    @asynccontextmanager
+    async def stage(
+        self, session: HypervisorSession, disks: Sequence[DiskSnapshot], *, stack: ReleaseStack
+    ) -> AsyncIterator[VmStage]:
+        """One volume group for all of the VM's disks (`HypervisorSession.stage_iscsi_vm`)."""
+        me = initiator_iqn(self.config)
+        sources = await session.stage_iscsi_vm(disks, initiator_iqn=me, stack=stack)
+        yield IscsiVmStage({d.disk.uuid: s for d, s in zip(disks, sources, strict=True)},
+                           initiator=me)

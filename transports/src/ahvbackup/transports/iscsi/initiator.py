@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from ahvbackup.core.plugins import Hooks
+
 from . import scsi
 from ._wire import (
     ConnectionClosed,
@@ -665,11 +667,15 @@ class IscsiSession:
                     login_timeout=login_timeout, nursery=nursery,
                 )
                 try:
-                    session._conn = await session._open()
-                    if session.lun < 0:
-                        session.lun = await session._find_disk_lun()
-                    await session.test_unit_ready()
-                    await session.read_capacity()
+                    try:
+                        session._conn = await session._open()
+                        if session.lun < 0:
+                            session.lun = await session._find_disk_lun()
+                        await session.test_unit_ready()
+                        await session.read_capacity()
+                    except IscsiError:
+                        Hooks.current().metric(name="iscsi_attach_failures", value=1, labels={})
+                        raise
                     yield session
                 finally:
                     with trio.CancelScope(shield=True):
@@ -697,10 +703,14 @@ class IscsiSession:
         try:
             with trio.fail_after(self.login_timeout):
                 result = await _login(self.portal, isid=self._isid, exchange=exchange)
-        except trio.TooSlowError:
+        except (IscsiError, trio.TooSlowError) as err:
+            Hooks.current().metric(name="iscsi_logins", value=1, labels={"outcome": "failed"})
+            if isinstance(err, IscsiError):
+                raise
             raise IscsiConnectionError(
                 f"iSCSI login to {self.label}: no answer within {self.login_timeout:g} s "
                 f"({exchange.step_name()})") from None
+        Hooks.current().metric(name="iscsi_logins", value=1, labels={"outcome": "ok"})
         conn = _Connection(result, label=self.label, nursery=self._nursery)
         self._nursery.start_soon(conn.receive_loop)
         log.debug("iscsi: logged in to %s (tsih %d, %s)", self.label, result.tsih, result.params)
@@ -744,6 +754,7 @@ class IscsiSession:
                     last = err
                 else:
                     self.reconnects += 1
+                    Hooks.current().metric(name="iscsi_reconnects", value=1, labels={})
                     self.connection_errors.append(str(cause))
                     return
                 await trio.sleep(delay)

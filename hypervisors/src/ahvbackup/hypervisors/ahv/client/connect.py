@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = ["Prism", "connect_prism"]
 
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -20,9 +20,11 @@ import trio
 from ahvbackup.core.errors import ApiServerError
 from ahvbackup.core.secret import Secret
 
+from .http import PrismHttp
 from .models import Cluster
 from .ratelimit import TokenBucket
 from .v3 import PrismClient
+from .v4 import JwtCookieAuth
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,11 @@ class Prism:
         self._pes: dict[str, PrismClient] = {}
         self._clusters: dict[str, Cluster] = {}
         self._lock = trio.Lock()
+
+    def remember(self, clusters: Iterable[Cluster]) -> None:
+        """Clusters a list already described, so `pe` need not GET them one by one."""
+        for c in clusters:
+            self._clusters.setdefault(c.uuid, c)
 
     async def cluster(self, cluster_uuid: str) -> Cluster:
         """The cluster as PC describes it (cached for the connection)."""
@@ -95,6 +102,23 @@ class Prism:
                     timeout=s.timeout, rng=s.rng,
                 )
             return self._pes[cluster_uuid]
+
+    @asynccontextmanager
+    async def jwt_pe(self, cluster: Cluster, jwt: Secret) -> AsyncIterator[PrismHttp]:
+        """A transport to `cluster`'s Prism Element whose only credential is the JWT of a v4
+        `discover-cluster` (the PE-side change-tracking calls), on the shared rate limit."""
+        transport = self._pe_transport_factory(cluster) if self._pe_transport_factory else None
+        s = self._settings
+        http = PrismHttp(
+            self.pe_url_for(cluster), user=s.user, password=s.password, verify=s.verify,
+            retry_budget=s.retry_budget, max_attempts=s.max_attempts, transport=transport,
+            clock=s.clock, limiter=self.limiter, timeout=s.timeout, rng=s.rng,
+        )
+        http.http.auth = JwtCookieAuth(jwt)
+        try:
+            yield http
+        finally:
+            await http.aclose()
 
     async def aclose(self) -> None:
         clients = [*self._pes.values(), self.pc]

@@ -48,9 +48,11 @@ from ahvbackup.core.errors import (
     ConfigError,
 )
 from ahvbackup.core.log import get_logger, mask_secrets, trace
+from ahvbackup.core.plugins import Hooks
 from ahvbackup.core.secret import Secret
 
 from .errors import PrismConnectionError, PrismTlsError
+from .pacing import TaskPacer
 from .ratelimit import RateLimitedTransport, TokenBucket
 
 log = get_logger("prism")
@@ -273,6 +275,15 @@ def _display(path: str) -> str:
     return path[len(V3):] if path.startswith(V3 + "/") else path
 
 
+_ID_SEGMENT = re.compile(r"/(?:[0-9a-fA-F]{8}-[0-9a-fA-F-]{27}|[0-9a-fA-F]{32}|\d+)(?=/|$)")
+
+
+def _labels(method: str, shown: str, **labels: str) -> dict[str, str]:
+    """A Prism metric's labels; ids in the path become ``{id}``: one series per endpoint."""
+    endpoint = _ID_SEGMENT.sub("/{id}", shown.split("?", 1)[0])
+    return {"endpoint": endpoint, "method": method, **labels}
+
+
 def _is_tls_failure(err: BaseException) -> ssl.SSLError | None:
     seen: set[int] = set()
     node: BaseException | None = err
@@ -339,6 +350,7 @@ class PrismHttp:
         self.user = user
         self.auth = PrismAuth(user, password)
         self.limiter = limiter if limiter is not None else TokenBucket(rate_rpm)
+        self.pacer = TaskPacer()  # task polls shaped by what tasks here took
         self.retry_budget = retry_budget
         self.max_attempts = max(1, max_attempts)
         self.backoff_base = backoff_base
@@ -491,6 +503,8 @@ class PrismHttp:
                         "CERTIFICATE_VERIFY_FAILED" in str(tls)
                     )
                     what = "certificate verification failed" if verify_failed else "TLS failed"
+                    Hooks.current().metric(name="prism_errors", value=1,
+                                           labels=_labels(method, shown, status="tls"))
                     raise PrismTlsError(
                         f"Prism at {self.host}: {what} ({_reason(tls)}); set prism_ca_cert to "
                         "the CA that signed Prism's certificate, or prism_insecure=yes to skip "
@@ -502,6 +516,8 @@ class PrismHttp:
                 if replayable and (idempotent or never_sent):
                     delay = self._retry_delay(attempt, started, None)
                 if delay is None:
+                    Hooks.current().metric(name="prism_errors", value=1,
+                                           labels=_labels(method, shown, status="connection"))
                     spent = self._clock() - started
                     tail = f" after {attempt} attempts over {spent:.1f} s" if attempt > 1 else ""
                     raise PrismConnectionError(
@@ -513,10 +529,14 @@ class PrismHttp:
                     "Prism at %s: %s: %s; retry %d in %.2f s",
                     self.host, endpoint, type(err).__name__, attempt + 1, delay,
                 )
+                Hooks.current().metric(name="prism_retries", value=1,
+                                       labels=_labels(method, shown, reason=type(err).__name__))
                 await trio.sleep(delay)
                 continue
             trace(log, "Prism at %s: %s -> %d (%.3f s)", self.host, endpoint, status,
                   self._clock() - t0)
+            Hooks.current().metric(name="prism_requests", value=1,
+                                   labels=_labels(method, shown, status=str(status)))
             if status < 400:
                 return resp
             if status in RETRY_STATUSES and replayable and (status == 429 or idempotent):
@@ -528,14 +548,20 @@ class PrismHttp:
                         self.host, endpoint, status, attempt + 1, delay,
                         " (Retry-After)" if wait is not None else "",
                     )
+                    Hooks.current().metric(name="prism_retries", value=1,
+                                           labels=_labels(method, shown, reason=str(status)))
                     await trio.sleep(delay)
                     continue
+                Hooks.current().metric(name="prism_errors", value=1,
+                                       labels=_labels(method, shown, status=str(status)))
                 raise error_for_response(
                     status=status, body=resp.content,
                     content_type=resp.headers.get("content-type", ""), host=self.host,
                     method=method, path=shown, user=self.user,
                     gave_up=(attempt, self._clock() - started), retry_after=wait,
                 )
+            Hooks.current().metric(name="prism_errors", value=1,
+                                   labels=_labels(method, shown, status=str(status)))
             raise error_for_response(
                 status=status, body=resp.content,
                 content_type=resp.headers.get("content-type", ""), host=self.host,

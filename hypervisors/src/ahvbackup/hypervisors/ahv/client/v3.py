@@ -317,19 +317,17 @@ class PrismClient(PrismHttp):
         return await self._get(f"/tasks/{uuid}", Task.from_api)
 
     async def wait_task(
-        self, uuid: str, *, timeout: float = 600.0, poll: float = 0.5, poll_cap: float = 5.0
+        self, uuid: str, *, timeout: float = 600.0, poll: float = 0.5, poll_cap: float = 5.0,
+        expect: str = "task",
     ) -> Task:
-        """Poll a task (backing off from `poll` to `poll_cap`) until it SUCCEEDED, which is
-        returned; FAILED or ABORTED raise PrismTaskError with Prism's error detail."""
-        task: Task | None = None
+        """Poll a task until it SUCCEEDED, which is returned; FAILED or ABORTED raise
+        PrismTaskError with Prism's error detail. The first poll waits as long as the last
+        task of kind `expect` took (`TaskPacer`), later ones back off to `poll_cap`."""
+        seen: list[Task] = []
         with trio.move_on_after(timeout):
-            delay = poll
-            while True:
-                task = await self.get_task(uuid)
-                if task.done:
-                    break
-                await trio.sleep(delay)
-                delay = min(poll_cap, delay * 1.5)
+            await self.pacer.until(lambda: self.get_task(uuid), lambda t: t.done,
+                                   expect=expect, poll=poll, poll_cap=poll_cap, seen=seen)
+        task = seen[-1] if seen else None
         if task is None or not task.done:
             last = f" (last seen {task.status}, {task.percentage_complete or 0}%)" if task else ""
             raise PrismTimeoutError(
@@ -377,16 +375,15 @@ class PrismClient(PrismHttp):
     async def wait_vm_snapshot(
         self, uuid: str, *, timeout: float = 600.0, poll: float = 0.5, poll_cap: float = 5.0
     ) -> VmSnapshot:
-        """Poll until the snapshot is COMPLETE (returned) or ERROR (PrismTaskError)."""
-        snap: VmSnapshot | None = None
+        """Poll until the snapshot is COMPLETE (returned) or ERROR (PrismTaskError), paced
+        as `wait_task` is."""
+        seen: list[VmSnapshot] = []
         with trio.move_on_after(timeout):
-            delay = poll
-            while True:
-                snap = await self.get_vm_snapshot(uuid)
-                if snap.state in ("COMPLETE", "ERROR"):
-                    break
-                await trio.sleep(delay)
-                delay = min(poll_cap, delay * 1.5)
+            await self.pacer.until(lambda: self.get_vm_snapshot(uuid),
+                                   lambda s: s.state in ("COMPLETE", "ERROR"),
+                                   expect="vm snapshot", poll=poll, poll_cap=poll_cap,
+                                   seen=seen)
+        snap = seen[-1] if seen else None
         if snap is None or snap.state not in ("COMPLETE", "ERROR"):
             last = f" (last seen {snap.state})" if snap else ""
             raise PrismTimeoutError(

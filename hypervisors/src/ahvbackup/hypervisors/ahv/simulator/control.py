@@ -13,6 +13,13 @@ Nutanix API, and never subject to fault injection itself.
 | GET / POST / DELETE /api/simulator/v1/faults | POST: the keywords of ``Faults.add`` | rules |
 | DELETE /api/simulator/v1/faults/{id} | | {} |
 | GET / DELETE /api/simulator/v1/stats | | ``Stats.as_dict()`` / reset |
+| GET / POST /api/simulator/v1/projects | POST: {"name", "description"} | projects |
+| GET / POST /api/simulator/v1/users | POST: {"name", "password", "role", "projects"} | users |
+| PUT / DELETE /api/simulator/v1/users/{name} | PUT: {"role", "projects"} | the user / {} |
+| PUT  /api/simulator/v1/vms/{vm}/project | {"project": name, UUID or null} | {"project_uuid"} |
+
+Users are answered without their password hashes; ``projects`` (names or UUIDs) scopes a
+user's role assignment to those projects (none: everything).
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from starlette.routing import Route
 
 from ._http import guarded, json_body, listener, run_blocking
 from .errors import BadRequest, EntityNotFound
+from .users import UnknownProject, User
+from .v3.projects import move_vm
 
 PREFIX = "/api/simulator/v1"
 _MAX_READ = 64 << 20
@@ -130,6 +139,98 @@ async def stats_reset(request: Request) -> Response:
     return JSONResponse({})
 
 
+def _user_json(user: User) -> dict[str, Any]:
+    return {"name": user.name, "uuid": user.uuid, "role": user.role,
+            "projects": list(user.projects)}
+
+
+def _projects_arg(body: dict[str, Any]) -> tuple[str, ...]:
+    value = body.get("projects", [])
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise BadRequest(f"projects: a list of project names or UUIDs (got {value!r})",
+                         kind="simulator")
+    return tuple(value)
+
+
+def _text_arg(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRequest(f"{name}: required text (got {value!r})", kind="simulator")
+    return value
+
+
+@guarded("simulator", "read")
+async def projects_list(request: Request) -> Response:
+    return JSONResponse([p.to_json() for p in listener(request).sim.users.projects.values()])
+
+
+@guarded("simulator", "create")
+async def projects_add(request: Request) -> Response:
+    body = await json_body(request, kind="simulator")
+    sim = listener(request).sim
+    project = sim.users.add_project(_text_arg(body, "name"),
+                                    description=str(body.get("description", "")))
+    await run_blocking(request, sim.save)
+    return JSONResponse(project.to_json(), status_code=201)
+
+
+@guarded("simulator", "read")
+async def users_list(request: Request) -> Response:
+    return JSONResponse([_user_json(u) for u in listener(request).sim.users])
+
+
+@guarded("simulator", "create")
+async def users_add(request: Request) -> Response:
+    body = await json_body(request, kind="simulator")
+    sim = listener(request).sim
+    try:  # PBKDF2 takes a while: off the event loop
+        user = await run_blocking(request, lambda: sim.users.add(
+            _text_arg(body, "name"), _text_arg(body, "password"), _text_arg(body, "role"),
+            projects=_projects_arg(body)))
+    except ValueError as err:  # an unknown role or project
+        raise BadRequest(str(err), kind="simulator") from err
+    await run_blocking(request, sim.save)
+    return JSONResponse(_user_json(user), status_code=201)
+
+
+@guarded("simulator", "update")
+async def user_assign(request: Request) -> Response:
+    body = await json_body(request, kind="simulator")
+    sim = listener(request).sim
+    name = str(request.path_params["name"])
+    if sim.users.get(name) is None:
+        raise EntityNotFound("user", name)
+    try:
+        user = sim.users.assign(name, role=_text_arg(body, "role"),
+                                projects=_projects_arg(body))
+    except ValueError as err:
+        raise BadRequest(str(err), kind="simulator") from err
+    await run_blocking(request, sim.save)
+    return JSONResponse(_user_json(user))
+
+
+@guarded("simulator", "delete")
+async def user_remove(request: Request) -> Response:
+    sim = listener(request).sim
+    sim.users.remove(str(request.path_params["name"]))
+    await run_blocking(request, sim.save)
+    return JSONResponse({})
+
+
+@guarded("simulator", "update")
+async def vm_project(request: Request) -> Response:
+    body = await json_body(request, kind="simulator")
+    project = body.get("project")
+    if project is not None and not isinstance(project, str):
+        raise BadRequest(f"project: a name, a UUID or null (got {project!r})", kind="simulator")
+    sim = listener(request).sim
+    try:
+        vm = await run_blocking(request, move_vm, sim, str(request.path_params["vm"]), project)
+    except UnknownProject as err:
+        raise BadRequest(str(err), kind="simulator") from err
+    return JSONResponse({"project_uuid": vm.project_uuid})
+
+
 def control_routes() -> list[Route]:
     disk = f"{PREFIX}/vms/{{vm}}/disks/{{index}}"
     return [
@@ -143,4 +244,11 @@ def control_routes() -> list[Route]:
         Route(f"{PREFIX}/faults/{{id}}", fault_remove, methods=["DELETE"]),
         Route(f"{PREFIX}/stats", stats_get, methods=["GET"]),
         Route(f"{PREFIX}/stats", stats_reset, methods=["DELETE"]),
+        Route(f"{PREFIX}/projects", projects_list, methods=["GET"]),
+        Route(f"{PREFIX}/projects", projects_add, methods=["POST"]),
+        Route(f"{PREFIX}/users", users_list, methods=["GET"]),
+        Route(f"{PREFIX}/users", users_add, methods=["POST"]),
+        Route(f"{PREFIX}/users/{{name}}", user_assign, methods=["PUT"]),
+        Route(f"{PREFIX}/users/{{name}}", user_remove, methods=["DELETE"]),
+        Route(f"{PREFIX}/vms/{{vm}}/project", vm_project, methods=["PUT"]),
     ]

@@ -12,6 +12,7 @@ __all__ = [
     "Disk",
     "Image",
     "Nic",
+    "Project",
     "SnapshotFile",
     "Subnet",
     "Task",
@@ -77,6 +78,16 @@ class Subnet(_Record):
 
 
 @dataclass
+class Project(_Record):
+    """A Prism Central project: VMs belong to one, and a role assignment can be scoped to it."""
+
+    uuid: str
+    name: str
+    description: str = ""
+    created: float = 0.0
+
+
+@dataclass
 class Disk(_Record):
     """A VM disk; ``uuid`` is the vmdisk UUID and also the disk's id in the disk store."""
 
@@ -122,6 +133,8 @@ class Vm(_Record):
     updated: float = 0.0
     task_uuid: str | None = None
     failed: str | None = None
+    #: the project the VM is in (``metadata.project_reference``); None: no project
+    project_uuid: str | None = None
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Vm:

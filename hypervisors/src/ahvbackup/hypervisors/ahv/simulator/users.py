@@ -2,8 +2,11 @@
 
 Three roles model what a backup product meets on a real Prism: an administrator, a backup
 service account that may take snapshots and make images but not touch VMs, and a read-only
-account. Passwords are stored as salted PBKDF2 hashes; a verified credential is remembered (as a
-digest, in memory only) so that Basic auth on every request stays cheap.
+account. A user's role assignment covers everything, or is scoped to Prism Central projects
+(``User.projects``): then the user sees, and may act on, only the VMs of those projects, as an
+MSP's per-customer account does. Passwords are stored as salted PBKDF2 hashes; a verified
+credential is remembered (as a digest, in memory only) so that Basic auth on every request
+stays cheap.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ __all__ = [
     "SEED_USERS",
     "Role",
     "Sessions",
+    "UnknownProject",
     "User",
     "Users",
 ]
@@ -23,8 +27,10 @@ import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from .model import Project
 
 _ITERATIONS = 50_000
 _READ = "read"
@@ -69,13 +75,27 @@ class User:
     salt: str
     hash: str
     iterations: int = _ITERATIONS
+    #: the project UUIDs the role assignment is scoped to; empty: every entity
+    projects: list[str] = field(default_factory=list)
 
     @property
     def role_def(self) -> Role:
         return ROLES[self.role]
 
+    @property
+    def scoped(self) -> bool:
+        return bool(self.projects)
+
+    def sees(self, project_uuid: str | None) -> bool:
+        """May this user see entities of the project (``None``: of no project)?"""
+        return not self.projects or project_uuid in self.projects
+
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "projects": list(self.projects)}
+
+
+class UnknownProject(ValueError):
+    """A project named (by name or UUID) that the simulator does not have."""
 
 
 def _hash(password: str, salt: str, iterations: int) -> str:
@@ -83,21 +103,61 @@ def _hash(password: str, salt: str, iterations: int) -> str:
 
 
 class Users:
-    """The user table (persisted with the inventory)."""
+    """The user table and the projects role assignments are scoped to (persisted with the
+    inventory)."""
 
     def __init__(self) -> None:
         self._users: dict[str, User] = {}
         self._verified: dict[str, str] = {}
         self._lock = threading.Lock()
+        self.projects: dict[str, Project] = {}
 
-    def add(self, name: str, password: str, role: str) -> User:
+    def add_project(self, name: str, *, description: str = "", uuid_: str | None = None
+                    ) -> Project:
+        """A new project (or the existing one of that name)."""
+        if not name:
+            raise ValueError("project: a name is required")
+        with self._lock:
+            for p in self.projects.values():
+                if p.name == name:
+                    return p
+            project = Project(uuid_ or str(uuid.uuid4()), name, description, time.time())
+            self.projects[project.uuid] = project
+        return project
+
+    def project(self, ref: str) -> Project:
+        """The project named or with the UUID `ref`."""
+        found = self.projects.get(ref) or next(
+            (p for p in self.projects.values() if p.name == ref), None)
+        if found is None:
+            known = ", ".join(sorted(p.name for p in self.projects.values())) or "none"
+            raise UnknownProject(f"project: no project {ref!r} (projects: {known})")
+        return found
+
+    def add(self, name: str, password: str, role: str, *, projects: tuple[str, ...] = ()
+            ) -> User:
+        """Add (or replace) a user; `projects` (names or UUIDs) scopes its role assignment."""
         if role not in ROLES:
             raise ValueError(f"role: unknown role {role!r} (choices: {', '.join(ROLES)})")
+        scope = [self.project(p).uuid for p in projects]
         salt = secrets.token_hex(16)
-        user = User(name, str(uuid.uuid4()), role, salt, _hash(password, salt, _ITERATIONS))
+        user = User(name, str(uuid.uuid4()), role, salt, _hash(password, salt, _ITERATIONS),
+                    projects=scope)
         with self._lock:
             self._users[name] = user
             self._verified.pop(name, None)
+        return user
+
+    def assign(self, name: str, *, role: str, projects: tuple[str, ...] = ()) -> User:
+        """Change a user's role assignment: `role` over `projects` (none: over everything)."""
+        if role not in ROLES:
+            raise ValueError(f"role: unknown role {role!r} (choices: {', '.join(ROLES)})")
+        user = self._users.get(name)
+        if user is None:
+            raise KeyError(f"user: no user {name!r}")
+        scope = [self.project(p).uuid for p in projects]
+        with self._lock:
+            user.role, user.projects = role, scope
         return user
 
     def remove(self, name: str) -> None:
@@ -128,12 +188,18 @@ class Users:
             self._verified[name] = digest
         return user
 
-    def to_json(self) -> list[dict[str, Any]]:
-        return [u.to_json() for u in self._users.values()]
+    def to_json(self) -> dict[str, Any]:
+        return {"users": [u.to_json() for u in self._users.values()],
+                "projects": [p.to_json() for p in self.projects.values()]}
 
-    def load(self, rows: list[dict[str, Any]]) -> None:
+    def load(self, doc: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Load `to_json`'s document (or the bare user list of a state written before
+        projects)."""
+        rows = doc if isinstance(doc, list) else doc["users"]
+        projects = [] if isinstance(doc, list) else doc.get("projects", [])
         with self._lock:
             self._users = {r["name"]: User(**r) for r in rows}
+            self.projects = {p["uuid"]: Project(**p) for p in projects}
             self._verified.clear()
 
 

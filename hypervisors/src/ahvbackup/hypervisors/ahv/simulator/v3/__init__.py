@@ -22,6 +22,7 @@ from .images import (
     images_get,
     images_list,
 )
+from .projects import projects_get, projects_list
 from .rbac import permissions_list, users_info
 from .snapshots import (
     changed_regions,
@@ -59,6 +60,8 @@ def pc_routes() -> list[Route]:
         Route(f"{V3}/idempotence_identifiers", idempotence_create, methods=["POST"]),
         Route(f"{V3}/users/info", users_info, methods=["GET"]),
         Route(f"{V3}/permissions/list", permissions_list, methods=["POST"]),
+        Route(f"{V3}/projects/list", projects_list, methods=["POST"]),
+        Route(f"{V3}/projects/{{uuid}}", projects_get, methods=["GET"]),
         Route(f"{V3}/images/list", images_list, methods=["POST"]),
         Route(f"{V3}/images", images_create, methods=["POST"]),
         Route(f"{V3}/images/{{uuid}}", images_get, methods=["GET"]),

@@ -8,7 +8,8 @@ allowed. Here each role becomes one access control policy over everything, holdi
 ``view`` permission for every kind and ``create``/``update``/``delete`` for the kinds it may
 change. Permission *names* (``Create_Virtual_Machine``, as a 403 names them) follow PC's role
 editor but are UNVERIFIED against a real PC; clients should match on (operation, kind), as
-ahvbackup's health-check does.
+ahvbackup's health-check does. A user scoped to projects gets a policy whose context is
+``PROJECT IN [uuids]`` (the Swagger's `scope_filter_expression`) instead of everything.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from .render import API_VERSION
 
 #: every entity kind a simulator route guards
 KINDS = ("cluster", "vm", "vm_snapshot", "image", "volume_group", "task", "subnet",
-         "storage_container", "idempotence_identifier", "recovery_point", "user", "permission")
+         "storage_container", "idempotence_identifier", "recovery_point", "user", "permission",
+         "project")
 #: v3 permission operations (the Swagger's x-ntnx-operations); "view" is a route's "read"
 OPERATIONS = ("view", "create", "update", "delete")
 _NS = uuid.UUID("6f9c1a52-3d0e-4b7a-9a51-7f2c0de1b0a1")
@@ -47,6 +49,13 @@ def _granted(role: Role) -> list[tuple[str, str]]:
             if role.allows(kind, "read" if op == "view" else op)]
 
 
+def _scope(user: User) -> list[dict[str, Any]]:
+    if not user.scoped:
+        return []
+    return [{"operator": "IN", "left_hand_side": "PROJECT",
+             "right_hand_side": {"uuid_list": list(user.projects)}}]
+
+
 def render_user_info(user: User) -> dict[str, Any]:
     role = ROLES[user.role]
     return {
@@ -54,7 +63,7 @@ def render_user_info(user: User) -> dict[str, Any]:
             "role": {"name": role.name,
                      "permission_uuid_list": [permission_uuid(op, k) for op, k in _granted(role)]},
             "filter_list": {"context_list": [{
-                "scope_filter_expression_list": [],
+                "scope_filter_expression_list": _scope(user),
                 "entity_filter_expression_list": [{
                     "operator": "IN",
                     "left_hand_side": {"entity_type": "ALL"},

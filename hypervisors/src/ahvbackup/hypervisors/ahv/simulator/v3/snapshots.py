@@ -12,6 +12,7 @@ from starlette.responses import Response
 from .._http import guarded, injected_failure, json_body, listener, run_blocking
 from ..errors import EntityNotFound, InvalidRequest
 from ._common import _Attrs, _json, _list_response, _metadata_uuid, _sim, _uuid_param
+from .projects import check_scope
 from .render import render_snapshot
 
 
@@ -24,6 +25,8 @@ async def snapshots_create(request: Request) -> Response:
     if not isinstance(vm_uuid, str) or not vm_uuid:
         raise InvalidRequest("spec.resources.entity_uuid: required (the VM to snapshot)",
                              kind="vm_snapshot")
+    if vm_uuid in sim.vms:  # a project-scoped user snapshots only its projects' VMs
+        check_scope(request.scope["sim.user"], sim.vms[vm_uuid])
     uuid = _metadata_uuid(body, "vm_snapshot")
     expiration = spec.get("expiration_time_msecs")
     snap = await run_blocking(request, lambda: sim.create_vm_snapshot(

@@ -1,9 +1,11 @@
-"""v3 VMs: list, get, create, update, delete (Prism Central and Element)."""
+"""v3 VMs: list, get, create, update, delete (Prism Central and Element).
+
+A user scoped to projects lists only their VMs and gets 403 on any other (`projects`)."""
 
 from __future__ import annotations
 
 import uuid as uuidlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -11,14 +13,29 @@ from starlette.responses import Response
 from .._http import guarded, injected_failure, json_body, listener, run_blocking
 from ..errors import EntityNotFound, InvalidRequest
 from ..model import Disk, Nic, Vm
+from ..users import UnknownProject, User
 from ._common import _Attrs, _json, _list_response, _metadata_uuid, _MiB, _sim, _uuid_param
-from .render import render_vm
+from .projects import check_scope, project_reference
+from .render import render_vm as _render_vm
+
+if TYPE_CHECKING:
+    from ..simulator import Simulator
+
+
+def render_vm(sim: Simulator, vm: Vm) -> dict[str, Any]:
+    out = _render_vm(sim, vm)
+    ref = project_reference(sim, vm.project_uuid)
+    if ref is not None:
+        out["metadata"]["project_reference"] = ref
+    return out
 
 
 def _vms(request: Request) -> list[Vm]:
     sim, lis = _sim(request), listener(request)
+    user: User = request.scope["sim.user"]
     vms = list(sim.vms.values())  # a snapshot: worker threads may add VMs meanwhile
-    return [v for v in vms if lis.is_pc or v.cluster_uuid == lis.cluster_uuid]
+    return [v for v in vms if (lis.is_pc or v.cluster_uuid == lis.cluster_uuid)
+            and user.sees(v.project_uuid)]
 
 
 def _vm(request: Request, uuid: str) -> Vm:
@@ -26,7 +43,25 @@ def _vm(request: Request, uuid: str) -> Vm:
     vm = lis.sim.vm(uuid)
     if not lis.is_pc and vm.cluster_uuid != lis.cluster_uuid:
         raise EntityNotFound("vm", uuid)
+    check_scope(request.scope["sim.user"], vm)
     return vm
+
+
+def _project_of(request: Request, body: dict[str, Any], old: Vm | None) -> str | None:
+    """The project a created or updated VM is in: ``metadata.project_reference``, else the
+    old one, else (a scoped user) the user's first project."""
+    user: User = request.scope["sim.user"]
+    ref = (body.get("metadata") or {}).get("project_reference") or {}
+    if not ref:
+        return old.project_uuid if old else (user.projects[0] if user.projects else None)
+    try:
+        project = _sim(request).users.project(str(ref.get("uuid") or ref.get("name") or ""))
+    except UnknownProject as err:
+        raise InvalidRequest(f"metadata.project_reference: {err}", kind="vm") from err
+    if not user.sees(project.uuid):
+        raise InvalidRequest(f"metadata.project_reference: user {user.name!r} may not use "
+                             f"project {project.name!r}", kind="vm")
+    return project.uuid
 
 
 _VM_ATTRS: _Attrs = {
@@ -206,6 +241,7 @@ def _parse_vm(
         ngt_capabilities=list(ngt.get("enabled_capability_list",
                                       old.ngt_capabilities if old else [])),
         spec_version=old.spec_version if old else 0,
+        project_uuid=_project_of(request, body, old),
     )
 
 

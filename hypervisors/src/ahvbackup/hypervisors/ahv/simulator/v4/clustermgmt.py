@@ -1,4 +1,5 @@
-"""clustermgmt v4: ``GET /api/clustermgmt/v4.x/config/clusters`` and ``/clusters/{extId}``.
+"""clustermgmt v4: ``GET /api/clustermgmt/v4.x/config/clusters``, ``/clusters/{extId}`` and
+``/config/storage-containers``.
 
 Prism Central lists itself (``clusterFunction: [PRISM_CENTRAL]``) and every cluster
 (``[AOS]``), like v3. The DSIP is ``network.externalDataServiceIp.ipv4.value`` (singular
@@ -90,9 +91,31 @@ async def clusters_get(request: Request) -> Response:
     raise EntityNotFound("cluster", ext_id)
 
 
+CONTAINER = "clustermgmt.v4.config.StorageContainer"
+
+
+@served(NS, "config.ListStorageContainersApiResponse")
+@guarded("storage_container", "read")
+async def containers_list(request: Request) -> Response:
+    """Every storage container of the clusters the listener serves (PC: all of them)."""
+    items = [(c, k) for c in _items(request) if c is not None for k in c.containers]
+
+    def render(item: Any) -> dict[str, Any]:
+        cluster, container = item
+        return {"extId": container.uuid, "containerExtId": container.uuid,
+                "name": container.name, "clusterExtId": cluster.uuid,
+                "clusterName": cluster.name, "replicationFactor": 2, "isInternal": False,
+                "isMarkedForRemoval": False, "$objectType": CONTAINER}
+
+    attrs = {"name": lambda i: i[1].name, "clusterExtId": lambda i: i[0].uuid,
+             "containerExtId": lambda i: i[1].uuid}
+    return list_answer(request, items, render, item_type=CONTAINER, attrs=attrs)
+
+
 def cluster_routes() -> list[Route]:
     p = prefix(NS)
     return [
+        Route(f"{p}/config/storage-containers", containers_list, methods=["GET"]),
         Route(f"{p}/config/clusters", clusters_list, methods=["GET"]),
         Route(f"{p}/config/clusters/{{extId}}", clusters_get, methods=["GET"]),
     ]

@@ -1,4 +1,5 @@
-"""vmm v4 (``/api/vmm/v4.x/ahv/config/vms``): list, get, create, power actions (Prism Central).
+"""vmm v4 (``/api/vmm/v4.x/ahv/config/vms``): list, get, create, delete, add a disk, power
+actions (Prism Central).
 
 A VM is rendered from the same model record as v3. ``disks[].extId`` and
 ``disks[].backingInfo.diskExtId`` are both the simulator's vmdisk uuid (the v3
@@ -20,6 +21,7 @@ from starlette.routing import Route
 from .._http import guarded, injected_failure, json_body, listener, run_blocking
 from ..errors import EntityNotFound, InvalidRequest
 from ..model import Disk, Nic, Vm
+from ..v3.projects import check_scope
 from ._common import (
     answer,
     check_if_match,
@@ -118,6 +120,7 @@ def _vm(request: Request) -> Vm:
     vm = lis.sim.vm(ext_id)
     if not lis.is_pc and vm.cluster_uuid != lis.cluster_uuid:
         raise EntityNotFound("vm", ext_id)
+    check_scope(request.scope["sim.user"], vm)  # a project-scoped user: its projects' VMs only
     return vm
 
 
@@ -129,7 +132,9 @@ _ATTRS = {"name": lambda v: v.name, "extId": lambda v: v.uuid,
 @guarded("vm", "read")
 async def vms_list(request: Request) -> Response:
     sim, lis = sim_of(request), listener(request)
-    vms = [v for v in list(sim.vms.values()) if lis.is_pc or v.cluster_uuid == lis.cluster_uuid]
+    sees = request.scope["sim.user"].sees
+    vms = [v for v in list(sim.vms.values())
+           if (lis.is_pc or v.cluster_uuid == lis.cluster_uuid) and sees(v.project_uuid)]
     return list_answer(request, vms, lambda v: render_vm(sim, v), item_type=VM, attrs=_ATTRS)
 
 
@@ -281,12 +286,85 @@ def _power_handler(action: str) -> Any:
     return handler
 
 
+@served(NS, "ahv.config.DeleteVmApiResponse", replay=True)
+@guarded("vm", "delete")
+async def vms_delete(request: Request) -> Response:
+    sim = sim_of(request)
+    vm = _vm(request)
+    task = await run_blocking(request, lambda: sim.delete_vm(
+        vm.uuid, fail=injected_failure(request)))
+    return answer(request, task_ref(task), item_type=TASK_REF, status=202)
+
+
+def _new_disk(sim: Simulator, vm: Vm, body: dict[str, Any]) -> Disk:
+    """A model ``Disk`` from a v4 ``Disk`` body: empty (``diskSizeBytes``), or a clone of an
+    image (``ImageReference``), a VG disk (``VolumeDiskReference``), a VM disk
+    (``VmDiskReference``) or a disk recovery point (``VmDiskRecoveryPointReference``)."""
+    addr = body.get("diskAddress") or {}
+    backing = body.get("backingInfo") or {}
+    bus = addr.get("busType", "SCSI")
+    if bus not in ("SCSI", "IDE", "PCI", "SATA", "SPAPR"):
+        raise InvalidRequest(f"diskAddress.busType: unknown bus {bus!r}", kind="vm")
+    taken = {d.device_index for d in vm.disks if d.adapter_type == bus}
+    index = addr.get("index")
+    if index is None:
+        index = next(i for i in range(1024) if i not in taken)
+    index = _int(index, "diskAddress.index", 0, minimum=0)
+    if index in taken:
+        raise InvalidRequest(f"diskAddress: {bus}.{index} is used by another disk", kind="vm")
+    ref = (backing.get("dataSource") or {}).get("reference") or {}
+    size = backing.get("diskSizeBytes")
+    image_uuid = ref.get("imageExtId")
+    source_path = None
+    vmdisk = ref.get("diskExtId")
+    if ref.get("diskRecoveryPointExtId"):
+        _rp, _vrp, drp = sim.recovery_points.find_disk_rp(str(ref["diskRecoveryPointExtId"]))
+        source_path = drp.snapshot_file_path
+    elif vmdisk:
+        size = max(size or 0, sim.vmdisk_size(str(vmdisk), cluster_uuid=vm.cluster_uuid,
+                                              where="backingInfo.dataSource.reference"))
+        source_path = f"/x/.acropolis/vmdisk/{vmdisk}"
+    elif image_uuid:
+        image = sim.image(str(image_uuid))
+        if image.size is None:
+            raise InvalidRequest(f"image {image_uuid!r} has no data", kind="vm")
+        size = max(size or 0, image.size)
+    elif ref:
+        raise InvalidRequest("backingInfo.dataSource.reference: the simulator clones images, "
+                             "VG disks, VM disks and disk recovery points", kind="vm")
+    if size is None and source_path is None:
+        raise InvalidRequest("backingInfo.diskSizeBytes: required for a new empty disk",
+                             kind="vm")
+    cluster = sim.clusters[vm.cluster_uuid]
+    container = cluster.container((backing.get("storageContainer") or {}).get("extId")).uuid
+    return Disk(uuid=str(uuidlib.uuid4()), device_type="DISK", adapter_type=bus,
+                device_index=index, size=_int(size, "backingInfo.diskSizeBytes", 1) if size
+                else 1, container_uuid=container,
+                source_image=str(image_uuid) if image_uuid else None, source_path=source_path)
+
+
+@served(NS, "ahv.config.CreateDiskApiResponse", replay=True)
+@guarded("vm", "update")
+async def vm_disks_create(request: Request) -> Response:
+    sim, lis = sim_of(request), listener(request)
+    ext_id = str(request.path_params["vmExtId"])
+    vm = lis.sim.vm(ext_id)
+    body = await json_body(request, kind="vm")
+    new = Vm.from_json(vm.to_json())
+    new.disks.append(_new_disk(sim, vm, body))
+    done = await run_blocking(request, lambda: sim.update_vm(
+        new, spec_version=None, fail=injected_failure(request)))
+    return answer(request, task_ref(done.task_uuid or ""), item_type=TASK_REF, status=202)
+
+
 def vm_routes() -> list[Route]:
     p = f"{prefix(NS)}/ahv/config/vms"
     return [
         Route(p, vms_list, methods=["GET"]),
         Route(p, vms_create, methods=["POST"]),
         Route(f"{p}/{{extId}}", vms_get, methods=["GET"]),
+        Route(f"{p}/{{extId}}", vms_delete, methods=["DELETE"]),
+        Route(f"{p}/{{vmExtId}}/disks", vm_disks_create, methods=["POST"]),
         *(Route(f"{p}/{{extId}}/$actions/{a}", _power_handler(a), methods=["POST"])
           for a in _POWER),
     ]
