@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 
-import pytest
 from tests.e2e.e2e_world import MiB, World
 from tests.e2e.test_dr_cli import (
     disks_now,
@@ -22,11 +21,6 @@ from tests.e2e.test_dr_cli import (
 from tests.e2e.test_kill_matrix import _run, _site
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known defect (issue 12): a push killed after the receiver committed its point but before "
-    "the source recorded it leaves the receiver one point ahead; the next push's delta is "
-    "refused, and its seed retry reuses the same point number, which the receiver refuses "
-    "as already complete from another snapshot"))
 async def test_a_kill_at_every_step_of_a_dr_push_is_healed_by_the_next(world: World) -> None:
     sizes = [4 * MiB, MiB]
     vm = world.add_vm("dr-k", [(sizes[0], [(0, MiB)]), (sizes[1], [(0, 256 << 10)])])

@@ -74,6 +74,24 @@ class DrStateStore:
         out = [s for p in sorted(self.dir.glob("*.json")) if (s := self.load(p.stem)[0])]
         return sorted(out, key=lambda s: (s.vm_name, s.vm_uuid))
 
+    def _started_path(self, vm_uuid: str) -> Path:
+        return self.dir / f"{vm_uuid}.started"
+
+    def begin(self, vm_uuid: str, *, receiver: str, point: int) -> None:
+        """Note the point a push starts, before any of it reaches the receiver. A push killed
+        after the receiver committed but before `save` leaves the receiver a point ahead of
+        the state; the next push numbers after this one (`started`), so it never collides."""
+        atomic_write_json(self._started_path(vm_uuid), {"receiver": receiver, "point": point})
+
+    def started(self, vm_uuid: str, *, receiver: str) -> int:
+        """The point a push to `receiver` began and never recorded (0: none)."""
+        try:
+            raw = json.loads(self._started_path(vm_uuid).read_text(encoding="utf-8"))
+            return int(raw["point"]) if raw.get("receiver") == receiver else 0
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0
+
     def save(self, state: DrVmState) -> None:
         atomic_write_json(self._path(state.vm_uuid), {"version": DR_STATE_VERSION,
                                                       **asdict(state)})
+        self._started_path(state.vm_uuid).unlink(missing_ok=True)

@@ -241,7 +241,10 @@ class DrPushJob:
     async def _push_vm(self, w: _Cycle, vm: VmInfo, vr: DrVmResult) -> None:
         old, _ = self.states.load(vm.uuid)
         base = self._base(vm, vr)
-        point = (old.point if old is not None and old.receiver == self.receiver else 0) + 1
+        acked = old.point if old is not None and old.receiver == self.receiver else 0
+        # after a killed push the receiver may hold a point the state does not: number after it
+        point = max(acked, self.states.started(vm.uuid, receiver=self.receiver)) + 1
+        self.states.begin(vm.uuid, receiver=self.receiver, point=point)
         stack = ReleaseStack(self.ledger, owner=w.job_id, releaser=w.session.release)
         async with stack:
             snap = await w.session.snapshot_vm(
