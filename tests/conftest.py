@@ -54,3 +54,14 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
             yield World(sim=sim, pc=ep.pc_url.split("://", 1)[1], ca=ep.ca_path, tmp=tmp_path)
     finally:
         sim.close()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The kill matrices list every step they killed (their `killed` property), so a CI log
+    shows what was covered, not just that it passed."""
+    lines = [f"{r.nodeid}: {value}" for r in terminalreporter.stats.get("passed", [])
+             for key, value in getattr(r, "user_properties", ()) if key == "killed"]
+    if lines:
+        terminalreporter.section("kill matrix: the steps killed")
+        for line in lines:
+            terminalreporter.write_line(line)

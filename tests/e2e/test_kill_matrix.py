@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -26,6 +26,8 @@ from tests.e2e.e2e_world import MiB, World
 from ahvbackup.hypervisors.ahv.simulator import Simulator, serve_simulator
 
 CLI = [sys.executable, "-m", "ahvbackup.core.cli"]
+#: pytest's record_property: the steps killed are listed at the end of the run (conftest.py)
+Record = Callable[[str, object], None]
 STEPS = ("resource_created", "resource_released", "snapshot_created", "disk_started",
          "disk_finished", "vm_finished")
 _KILLER = '''
@@ -139,18 +141,20 @@ def _left_only_references(world: World) -> None:
 # a REST full fires the same steps as the REST incremental killed here (7, in the same order)
 @pytest.mark.parametrize(("data_path", "level"), [("iscsi", "full"), ("rest", "incremental")])
 async def test_a_kill_at_every_step_is_cleaned_up_by_the_next_run(
-        tmp_path: Path, data_path: str, level: str) -> None:
-    await _matrix(tmp_path, data_path, level, signals=("SIGKILL",))
+        tmp_path: Path, data_path: str, level: str, record_property: Record) -> None:
+    await _matrix(tmp_path, data_path, level, signals=("SIGKILL",), record=record_property)
 
 
-async def test_sigterm_and_ctrl_c_at_every_step_release_before_exit(tmp_path: Path) -> None:
+async def test_sigterm_and_ctrl_c_at_every_step_release_before_exit(
+        tmp_path: Path, record_property: Record) -> None:
     """SIGTERM and SIGINT in turn, one at each step: the job itself releases what it made
     (checked before any next run) and exits 143 or 130."""
-    await _matrix(tmp_path, "iscsi", "full", signals=("SIGTERM", "SIGINT"))
+    await _matrix(tmp_path, "iscsi", "full", signals=("SIGTERM", "SIGINT"),
+                  record=record_property)
 
 
 async def _matrix(tmp_path: Path, data_path: str, level: str, *,
-                  signals: tuple[str, ...]) -> None:
+                  signals: tuple[str, ...], record: Record) -> None:
     site = _site(tmp_path)
     async with _served(tmp_path, iscsi=data_path == "iscsi") as (world, extra):
         world.add_vm("k", [(4 * MiB, [(0, MiB)])])
@@ -179,4 +183,4 @@ async def _matrix(tmp_path: Path, data_path: str, level: str, *,
         verified = await trio.run_process([*CLI, "verify", "--all", *world.cli_args()],
                                           capture_stdout=True, capture_stderr=True, check=False)
         assert verified.returncode == 0, verified.stdout.decode()[-2000:]
-        print(f"signalled at {len(killed)} steps ({data_path} {level}): {', '.join(killed)}")
+        record("killed", f"{len(killed)} steps ({data_path} {level}): {', '.join(killed)}")

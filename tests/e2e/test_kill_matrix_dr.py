@@ -18,10 +18,11 @@ from tests.e2e.test_dr_cli import (
     scribble,
     source,
 )
-from tests.e2e.test_kill_matrix import _run, _site
+from tests.e2e.test_kill_matrix import Record, _run, _site
 
 
-async def test_a_kill_at_every_step_of_a_dr_push_is_healed_by_the_next(world: World) -> None:
+async def test_a_kill_at_every_step_of_a_dr_push_is_healed_by_the_next(
+        world: World, record_property: Record) -> None:
     sizes = [4 * MiB, MiB]
     vm = world.add_vm("dr-k", [(sizes[0], [(0, MiB)]), (sizes[1], [(0, 256 << 10)])])
     rng = random.Random(7)
@@ -50,4 +51,5 @@ async def test_a_kill_at_every_step_of_a_dr_push_is_healed_by_the_next(world: Wo
             newest = rx.points(vm.uuid)[-1]
             assert [rx.image(vm.uuid, newest, d.uuid) for d in vm.disks] == \
                 disks_now(world, vm.uuid, sizes), f"after a kill at {name}:{n}"
-        print(f"killed a DR push at {len(steps)} steps: {steps}")
+        record_property("killed", f"{len(steps)} steps of a DR push: "
+                        + ", ".join(f"{name}:{n}" for name, n in steps))

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import trio
 from tests.e2e.e2e_world import MiB, World, same_as_sim
+from tests.e2e.test_kill_matrix import Record
 
 from ahvbackup.core.jobs.backup import BackupJob
 from ahvbackup.core.jobs.restore import RestoreJob, VerifyJob, pick_backup
@@ -99,7 +100,8 @@ async def _change_and_back_up(world: World, vm_uuid: str, n: int, **keys: str) -
     assert result.ok, result.to_json()
 
 
-async def test_a_kill_at_every_step_of_a_consolidation(world: World, tmp_path: Path) -> None:
+async def test_a_kill_at_every_step_of_a_consolidation(world: World, tmp_path: Path,
+                                                       record_property: Record) -> None:
     vm = world.add_vm("k", [(8 * MiB, [(0, 2 * MiB)]), (8 * MiB, [(MiB, MiB)])])
     assert (await BackupJob(Runtime.from_config(world.config(vm="k"))).run()).ok
     site, repo, log = _site(tmp_path), world.tmp / "repo", tmp_path / "fs.jsonl"
@@ -118,10 +120,12 @@ async def test_a_kill_at_every_step_of_a_consolidation(world: World, tmp_path: P
         assert await _cli(site, repo, *consolidate) == 0, f"after a kill before {name} {path}"
         _no_debris(repo)  # the next consolidation swept what the killed one left
         await _check(world, vm.uuid)
-    print(f"killed a consolidation before each of its {len(steps)} repository steps")
+    record_property("killed", f"{len(steps)} repository steps of a consolidation: "
+                    + ", ".join(f"{name} {path}" for _, name, path in steps))
 
 
-async def test_a_kill_at_every_step_of_retention(world: World, tmp_path: Path) -> None:
+async def test_a_kill_at_every_step_of_retention(world: World, tmp_path: Path,
+                                                 record_property: Record) -> None:
     vm = world.add_vm("k", [(8 * MiB, [(0, MiB)]), (8 * MiB, [])])
     keys = {"keep_fulls": "1"}  # a new full lets the previous full and its deltas go
     assert (await BackupJob(Runtime.from_config(world.config(vm="k", **keys))).run()).ok
@@ -139,4 +143,5 @@ async def test_a_kill_at_every_step_of_retention(world: World, tmp_path: Path) -
         assert await _cli(site, repo, *backup) == 0, f"after a kill before {name} {path}"
         _no_debris(repo)  # the next backup swept what the killed one left
         await _check(world, vm.uuid)
-    print(f"killed a backup's retention before each of its {len(steps)} repository steps")
+    record_property("killed", f"{len(steps)} repository steps of retention: "
+                    + ", ".join(f"{name} {path}" for _, name, path in steps))

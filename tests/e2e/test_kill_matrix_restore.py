@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from tests.e2e.test_kill_matrix import CLI, _run, _site
+from tests.e2e.test_kill_matrix import CLI, Record, _run, _site
 from tests.e2e.test_restore_ahv import ADMIN, SRC, Dr, assert_disks, dr, restored  # noqa: F401
 
 
 @pytest.mark.parametrize("data_path", ["iscsi", "rest"])
 async def test_a_kill_at_every_step_of_a_restore_to_ahv_is_swept_by_the_next(
-        dr: Dr, tmp_path: Path, data_path: str) -> None:  # noqa: F811 - the imported fixture
+        dr: Dr, tmp_path: Path, data_path: str,  # noqa: F811 - the imported fixture
+        record_property: Record) -> None:
     await dr.backup()
     expect = dr.disks_now()
     site = _site(tmp_path)
@@ -53,4 +54,5 @@ async def test_a_kill_at_every_step_of_a_restore_to_ahv_is_swept_by_the_next(
         assert dr.ledger() == []
         assert_disks(dr, restored(dr, name), expect,
                      container=dr.cluster(0).containers[0].uuid)
-    print(f"killed a restore to AHV over {data_path} at {len(steps)} steps")
+    record_property("killed", f"{len(steps)} steps of a restore to AHV over {data_path}: "
+                    + ", ".join(f"{name}:{n}" for name, n in steps))
