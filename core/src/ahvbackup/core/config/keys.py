@@ -152,9 +152,10 @@ KEYS: tuple[Key, ...] = (
     _k("prism_port", Int(**_PORT), 9440, "connection",
        "Prism Central HTTPS port (or give it as prism_central = host:port)."),
     _k("prism_api_version", Choice(("auto", "v3", "v4")), "auto", "connection",
-       "auto tries v4 first (version discovery; v4 when its disks are read over iSCSI) and "
-       "falls back to v3, logging which and why; v4 fails in one line against a v3-only "
-       "Prism."),
+       "auto tries v4 first (version discovery) and uses it with data_path=iscsi; with "
+       "data_path=auto or rest it uses v3 (v4 reads a disk over REST only through a VM "
+       "clone, which a backup user may not make), logging which and why; v4 fails in one "
+       "line against a v3-only Prism."),
     _k("user", Text(empty=None), None, "connection",
        "Prism user (must exist in Prism IAM, not only as LDAP pass-through)."),
     _k("password", SecretField(), None, "connection",
