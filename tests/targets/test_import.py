@@ -224,8 +224,8 @@ async def test_a_refusal_is_one_line_and_creates_nothing(dr: Dr, tmp_path: Path)
 async def test_a_qemu_nbd_that_dies_mid_import_leaves_nothing(
         dr: Dr, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     require_peer("qemu-img", "qemu-nbd")
-    sockets = tmp_path / "sockets"  # where qemu-nbd's private folder goes, to see it removed
-    sockets.mkdir()
+    # where qemu-nbd's private folder goes, to see it removed: short, as a socket path must be
+    sockets = Path(tempfile.mkdtemp(prefix="nbd-", dir="/tmp"))
     monkeypatch.setattr(tempfile, "tempdir", str(sockets))
     image = tmp_path / "big.qcow2"
     raw = tmp_path / "big.raw"
@@ -256,6 +256,7 @@ async def test_a_qemu_nbd_that_dies_mid_import_leaves_nothing(
     assert dr.leftovers() == before
     assert dr.ledger() == []
     assert list(sockets.iterdir()) == []
+    sockets.rmdir()
 
 
 async def test_the_command_line_imports_and_refuses_in_one_line(dr: Dr, tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,6 +17,7 @@ from tests.conftest import require_peer
 
 from ahvbackup.targets.granules import Granules
 from ahvbackup.targets.nbd import NbdClient, NbdError
+from ahvbackup.targets.nbd_server import NbdServer
 
 MiB = 1 << 20
 
@@ -103,3 +105,24 @@ def test_granules_cover_every_byte_once_whole_and_skip_zeros() -> None:
     cut.add(8192, b"x")
     with pytest.raises(ValueError, match="out of order"):
         cut.add(4096, b"y")
+
+
+async def test_a_tmpdir_too_deep_for_a_socket_still_serves(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unix socket path holds 107 bytes: with a deeper TMPDIR, qemu-nbd's private folder
+    goes to /tmp instead of failing (it did, under CI's long test paths), and is removed."""
+    tools = require_peer("qemu-nbd")
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    image = tmp_path / "small.raw"
+    image.write_bytes(b"\x5a" * 65536)
+    server = await NbdServer.start(tools["qemu-nbd"], ["--format", "raw", str(image)],
+                                   socket=None, what="test", read_only=True)
+    assert server.client is not None and server.private is not None
+    assert not str(server.private).startswith(str(deep))
+    buf = bytearray(4096)
+    await server.client.read_into(0, memoryview(buf))
+    assert bytes(buf) == b"\x5a" * 4096
+    await server.kill()
+    assert not server.private.exists() and list(deep.iterdir()) == []

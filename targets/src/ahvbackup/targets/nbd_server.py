@@ -39,6 +39,17 @@ def _last_line(text: bytes) -> str:
     return lines[-1] if lines else ""
 
 
+def _private_folder() -> Path:
+    """A new folder of our own whose socket path fits a unix socket: in TMPDIR, or in /tmp
+    when TMPDIR is too deep for one."""
+    for where in (None, "/tmp"):
+        folder = Path(tempfile.mkdtemp(prefix="ahvbackup-nbd-", dir=where))
+        if len(os.fsencode(folder / "nbd.sock")) <= _SUN_PATH:
+            return folder
+        folder.rmdir()
+    raise TargetError("qemu-nbd: no folder short enough for a unix socket (TMPDIR and /tmp)")
+
+
 class NbdServer:
     """``server = await NbdServer.start(...)``, then `server.client`; `stop` (clean end, its
     exit checked) or `kill` (abandon), each once. `what` starts every error line."""
@@ -60,7 +71,7 @@ class NbdServer:
         and connect with up to `depth` requests in flight (`allocation`: with block status)."""
         private = None
         if socket is None or len(os.fsencode(socket)) > _SUN_PATH:
-            private = Path(tempfile.mkdtemp(prefix="ahvbackup-nbd-"))
+            private = _private_folder()
             socket = private / "nbd.sock"
         mode = ["--read-only"] if read_only else ["--cache=unsafe"]
         argv = [qemu_nbd, *mode, "--socket", str(socket), *source]
