@@ -9,7 +9,7 @@ killed process left behind is still on disk, and the next start sweeps it
 
 from __future__ import annotations
 
-__all__ = ["Ledger", "Record", "ReleaseStack"]
+__all__ = ["Ledger", "Record", "ReleaseStack", "release_record", "sweep_orphans"]
 
 import json
 import logging
@@ -206,3 +206,23 @@ async def release_record(ledger: Ledger, rec: Record, releaser: Releaser) -> boo
         log.warning("releasing %s timed out (kept for the next sweep)", rec.describe())
     ledger.released(rec, ok=False)
     return False
+
+
+async def sweep_orphans(ledger: Ledger, releaser: Releaser) -> list[Record]:
+    """Release, newest first, what killed jobs left on the ledger (every job that makes
+    things on the cluster starts with it); returns what could not be released."""
+    orphans = ledger.orphans()
+    if ledger.hooks is not None:
+        ledger.hooks.metric(name="sweep_found", value=len(orphans), labels={})
+    if orphans:
+        log.warning("cleaning up %d resource(s) left by an interrupted job", len(orphans))
+    left = []
+    for rec in reversed(orphans):
+        log.info("releasing leftover %s", rec.describe())
+        ok = await release_record(ledger, rec, releaser)
+        if ledger.hooks is not None:
+            ledger.hooks.metric(name="sweep_released" if ok else "sweep_left", value=1,
+                                labels={"kind": rec.kind})
+        if not ok:
+            left.append(rec)
+    return left

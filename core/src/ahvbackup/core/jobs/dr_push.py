@@ -44,7 +44,7 @@ from ..errors import (
     TransportError,
     our_errors,
 )
-from ..ledger import Ledger, ReleaseStack, release_record
+from ..ledger import Ledger, ReleaseStack, sweep_orphans
 from ..model import VmInfo, VmSnapshot
 from ..plugins import Hooks, load_driver
 from .concurrency import each_limited
@@ -196,12 +196,7 @@ class DrPushJob:
 
     async def _sweep(self, session: HypervisorSession) -> None:
         """Release what a killed run left on the cluster (the ledger's orphans)."""
-        orphans = self.ledger.orphans()
-        if orphans:
-            log.warning("cleaning up %d resource(s) left by an interrupted job", len(orphans))
-        for rec in reversed(orphans):
-            log.info("releasing leftover %s", rec.describe())
-            await release_record(self.ledger, rec, session.release)
+        await sweep_orphans(self.ledger, session.release)
 
     async def _vm(self, w: _Cycle, vm: VmInfo, vr: DrVmResult) -> None:
         self.hooks.vm_started(job_id=w.job_id, vm_uuid=vm.uuid, vm_name=vm.name)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..drivers import DataPath, Hypervisor, HypervisorSession, RestoreTarget, Sink
-from ..ledger import Ledger, Record, release_record
+from ..ledger import Ledger, Record, sweep_orphans
 from ..plugins import Hooks, load_driver
 from ..state import StateStore
 
@@ -47,18 +47,7 @@ class Runtime:
 
     async def sweep(self, session: HypervisorSession) -> list[Record]:
         """Release what killed jobs left behind; returns what could not be released."""
-        left = []
-        orphans = self.ledger.orphans()
-        self.hooks.metric(name="sweep_found", value=len(orphans), labels={})
-        if orphans:
-            log.warning("cleaning up %d resource(s) left by an interrupted job", len(orphans))
-        for rec in reversed(orphans):
-            log.info("releasing leftover %s", rec.describe())
-            ok = await release_record(self.ledger, rec, session.release)
-            self.hooks.metric(name="sweep_released" if ok else "sweep_left", value=1,
-                              labels={"kind": rec.kind})
-            if not ok:
-                left.append(rec)
+        left = await sweep_orphans(self.ledger, session.release)
         self.sweep_repository()
         return left
 
